@@ -1,0 +1,55 @@
+"""Builds argparse flags from the Config dataclass and reports user errors as one line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from jaxcifar.config import Config, flag
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that ends a bad command line with one error line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """Adds one flag per Config field (help, default and choices from the field's metadata)."""
+    for f in dataclasses.fields(Config):
+        if f.name in exclude:
+            continue
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
+        annotation = str(f.type)
+        default = f.default
+        if annotation == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif annotation.startswith("tuple"):
+            kwargs.update(type=int, nargs="+", metavar="EPOCH")
+        else:
+            base = annotation.replace(" | None", "")
+            kwargs["type"] = {"int": int, "float": float, "str": str}[base]
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            else:
+                kwargs["metavar"] = base.upper() if base != "str" else "VALUE"
+        kwargs["default"] = default
+        kwargs["help"] += " (default: %(default)s)"
+        parser.add_argument(flag(f.name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """Returns a Config from parsed flags (raises ConfigError on bad values)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return (base or Config()).replace(**values)
+
+
+def fail(prog: str, message: str, code: int = 1) -> NoReturn:
+    """Prints ``prog: error: message`` as one line on stderr and exits with ``code`` (no traceback)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,80 @@
+"""Optimizers and learning-rate schedules, built from optax pieces.
+
+All schedules are functions of the optimizer step (one step per batch).
+"""
+
+from __future__ import annotations
+
+import optax
+
+from jaxcifar.config import Config
+
+
+def onecycle_schedule(
+    total_steps: int,
+    max_lr: float,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> optax.Schedule:
+    """PyTorch ``OneCycleLR(anneal_strategy='cos', three_phase=False)`` as an optax schedule.
+
+    Starts at ``max_lr / div_factor``, reaches ``max_lr`` at step ``pct_start * total_steps - 1``
+    and ``max_lr / (div_factor * final_div_factor)`` at step ``total_steps - 1`` (cosine
+    interpolation in both phases), exactly PyTorch's step positions. (``optax.cosine_onecycle_schedule``
+    places the peak and the end one step later.) Returns a function step -> float32 LR.
+    """
+    initial = max_lr / div_factor
+    peak_step = float(pct_start * total_steps) - 1.0
+    end_step = float(total_steps - 1)
+    if peak_step <= 0 or end_step <= peak_step:
+        raise ValueError(f"onecycle needs more steps: {total_steps} total, pct_start {pct_start}")
+    return optax.piecewise_interpolate_schedule(
+        "cosine",
+        init_value=initial,
+        boundaries_and_scales={peak_step: div_factor, end_step: 1.0 / (div_factor * final_div_factor)},
+    )
+
+
+def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+    """Returns the LR schedule of ``config`` over ``config.epochs * steps_per_epoch`` steps."""
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        return onecycle_schedule(total, config.lr, config.pct_start, config.div_factor, config.final_div_factor)
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.lr, decay_steps=total)
+    if config.schedule == "multistep":
+        return optax.piecewise_constant_schedule(
+            config.lr, {m * steps_per_epoch: config.gamma for m in sorted(config.milestones)}
+        )
+    if config.schedule == "warmup-cosine":
+        warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+        return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup_steps=warmup, decay_steps=total)
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.lr)
+    raise ValueError(f"unknown schedule {config.schedule!r}")
+
+
+def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Returns the optax optimizer of ``config`` driven by ``schedule``.
+
+    Order: clip the raw gradient (``grad_clip``), then weight decay, then the update rule.
+    ``sgd``/``adam`` use coupled L2 (``g + wd * p``, PyTorch SGD/Adam ``weight_decay``);
+    ``adamw`` uses decoupled decay (``p -= lr * wd * p``, PyTorch AdamW).
+    """
+    parts: list[optax.GradientTransformation] = []
+    if config.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    if config.optimizer == "sgd":
+        if config.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(config.weight_decay))
+        parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+    elif config.optimizer == "adam":
+        if config.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(config.weight_decay))
+        parts.append(optax.adam(schedule, b1=config.momentum))
+    elif config.optimizer == "adamw":
+        parts.append(optax.adamw(schedule, b1=config.momentum, weight_decay=config.weight_decay))
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    return optax.chain(*parts)

@@ -1,0 +1,216 @@
+"""Explain a trained run: ``make_report(workdir)`` and ``python -m jaxcifar.report``.
+
+Loads a workdir's best checkpoint, predicts a whole split, and writes into the workdir:
+``curves.png`` (loss and accuracy per epoch), ``lr.png``, ``misclassified.png`` (the N most
+confident mistakes), ``gradcam.png`` (Grad-CAM of the predicted class on those N images),
+``confusion.png`` and ``report.json`` (accuracy, per-class accuracy, confusion matrix, the
+misclassified examples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure
+
+from jaxcifar import analysis, cli, gradcam, optim, plots, transforms
+from jaxcifar.checkpoint import load_best, read_history, write_json
+from jaxcifar.config import Config
+from jaxcifar.data import Dataset, Split, load_dataset
+from jaxcifar.errors import CheckpointError, ConfigError, DataError, JaxcifarError
+from jaxcifar.state import create_train_state
+from jaxcifar.trainer import build_model
+
+SPLITS = ("test", "val", "train")
+FIGURES = ("curves", "lr", "misclassified", "gradcam", "confusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What ``make_report`` produced: the numbers (as in report.json), the figures, and the PNG paths."""
+
+    summary: dict[str, Any]
+    figures: dict[str, Figure]
+    paths: dict[str, Path]
+
+
+def load_run_config(workdir: str | Path) -> Config:
+    """Returns the Config saved in ``workdir/config.json`` (CheckpointError when absent or unreadable)."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"--workdir {workdir}: no config.json (not a jaxcifar training workdir)")
+    try:
+        return Config.load(path)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from e
+
+
+def load_best_variables(workdir: str | Path, config: Config, dataset: Dataset) -> tuple[dict[str, Any], dict]:
+    """Returns ({"params", "batch_stats"}, checkpoint metadata) of the workdir's best checkpoint."""
+    model = build_model(config)
+    steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, steps_per_epoch))
+    state, meta = load_best(workdir, create_train_state(model, tx, config.seed))
+    return {"params": state.params, "batch_stats": state.batch_stats}, meta
+
+
+def lr_per_step(config: Config, num_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (steps int (T,), learning rates float32 (T,)) of the run's schedule over all its steps."""
+    steps_per_epoch = max(1, num_train // config.batch_size)
+    schedule = optim.make_schedule(config, steps_per_epoch)
+    steps = np.arange(config.epochs * steps_per_epoch)
+    return steps, np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
+
+
+def _split(dataset: Dataset, name: str) -> Split:
+    split = getattr(dataset, name)
+    if split is None:
+        raise DataError(f"--split {name}: this run has no {name} split (it needs --val-fraction > 0)")
+    return split
+
+
+def make_report(
+    workdir: str | Path,
+    n: int = 10,
+    layer: str = "layer3",
+    split: str = "test",
+    *,
+    dataset: Dataset | None = None,
+    variables: dict[str, Any] | None = None,
+    config: Config | None = None,
+    allow_small_layer: bool = False,
+    out_dir: str | Path | None = None,
+    dpi: int = 100,
+) -> Report:
+    """Writes the pictures and ``report.json`` of a run into ``out_dir`` (default ``workdir``).
+
+    ``config`` defaults to the workdir's config.json, ``dataset`` to loading it from that config,
+    ``variables`` to the best checkpoint. Returns a ``Report`` with the summary dict and the figures.
+    Raises ``JaxcifarError`` subclasses for a missing workdir/checkpoint/split, ValueError from
+    ``grad_cam`` for a layer smaller than 5x5 unless ``allow_small_layer``.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    if n < 1:
+        raise ConfigError("--n must be >= 1")
+    config = config or load_run_config(workdir)
+    dataset = dataset or load_dataset(config)
+    meta: dict[str, Any] = {}
+    if variables is None:
+        variables, meta = load_best_variables(workdir, config, dataset)
+    model = build_model(config)
+    images_shape = (1, *dataset.test.images.shape[1:])
+    resolution = gradcam.check_layer(model, variables, images_shape, layer, allow_small_layer)
+
+    data = _split(dataset, split)
+    probs, preds = analysis.predict(
+        model, variables, data.images, dataset.mean, dataset.std, batch_size=config.eval_batch_size
+    )
+    mistakes = analysis.misclassified(data.images, data.labels, probs, n=n)
+    confusion = analysis.confusion_matrix(data.labels, preds, dataset.num_classes)
+    per_class = analysis.per_class_accuracy(data.labels, preds, dataset.num_classes)
+    nll = -np.log(np.clip(probs[np.arange(len(data)), data.labels], 1e-12, None))
+
+    figures: dict[str, Figure] = {}
+    history = read_history(workdir)
+    figures["curves"] = plots.plot_curves(history, dpi=dpi)
+    figures["lr"] = plots.plot_lr(lr_per_step(config, len(dataset.train)), dpi=dpi)
+    figures["misclassified"] = plots.plot_misclassified(
+        mistakes.images, mistakes.true, mistakes.pred, mistakes.confidence, dataset.class_names, n=n, dpi=dpi
+    )
+    layer_label = f"{layer}, {resolution[0]}x{resolution[1]}"
+    if len(mistakes):
+        normalized = transforms.normalize(mistakes.images, dataset.mean, dataset.std)
+        cams = np.asarray(
+            gradcam.grad_cam(model, variables, normalized, layer, targets=mistakes.pred, allow_small=allow_small_layer)
+        )
+        figures["gradcam"] = plots.plot_gradcam(
+            mistakes.images, cams, mistakes.true, mistakes.pred, dataset.class_names, layer_label=layer_label, dpi=dpi
+        )
+    figures["confusion"] = plots.plot_confusion(confusion, dataset.class_names, dpi=dpi)
+
+    out = Path(out_dir or workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"{name}.png" for name in figures}
+    for name, fig in figures.items():
+        fig.savefig(paths[name], dpi=dpi)
+    summary = {
+        "split": split,
+        "images": len(data),
+        "accuracy": float(np.mean(preds == data.labels)),
+        "loss": float(nll.mean()),
+        "checkpoint": {"epoch": meta.get("epoch"), "step": meta.get("step")} if meta else None,
+        "layer": layer_label,
+        "class_names": list(dataset.class_names),
+        "per_class_accuracy": {c: float(a) for c, a in zip(dataset.class_names, per_class, strict=True)},
+        "confusion_matrix": confusion.tolist(),
+        "misclassified": [
+            {"index": int(i), "true": dataset.class_names[t], "pred": dataset.class_names[p], "confidence": float(c)}
+            for i, t, p, c in zip(mistakes.indices, mistakes.true, mistakes.pred, mistakes.confidence, strict=True)
+        ],
+        "figures": {name: path.name for name, path in paths.items()},
+    }
+    write_json(out / "report.json", summary)
+    return Report(summary=summary, figures=figures, paths=paths)
+
+
+def build_parser() -> cli.ArgumentParser:
+    """Returns the parser of ``python -m jaxcifar.report``."""
+    parser = cli.ArgumentParser(
+        prog="python -m jaxcifar.report",
+        description="Write curves, misclassified and Grad-CAM galleries, the confusion matrix and report.json "
+        "for a training workdir (its best checkpoint).",
+    )
+    parser.add_argument("--workdir", required=True, help="The training run's workdir (holds config.json, best/).")
+    parser.add_argument("--n", type=int, default=10, help="How many misclassified images to show (default: 10).")
+    parser.add_argument(
+        "--layer", default="layer3", help="Grad-CAM layer: layer1..layer4 (default: layer3, 8x8 on 32x32 inputs)."
+    )
+    parser.add_argument("--split", default="test", choices=SPLITS, help="Split to analyse (default: test).")
+    parser.add_argument(
+        "--allow-small-layer",
+        action="store_true",
+        help="Allow a Grad-CAM layer smaller than 5x5 (layer4 on 32x32 inputs is 4x4: too coarse to localize).",
+    )
+    parser.add_argument("--data-dir", help="Read the data from here instead of the run's --data-dir.")
+    parser.add_argument("--out-dir", help="Write the files here instead of the workdir.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the report CLI; returns 0, or exits 1 (user error) / 2 (bad flags) with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_run_config(args.workdir)
+        if args.data_dir:
+            config = config.replace(data_dir=args.data_dir)
+        report = make_report(
+            args.workdir,
+            n=args.n,
+            layer=args.layer,
+            split=args.split,
+            config=config,
+            allow_small_layer=args.allow_small_layer,
+            out_dir=args.out_dir,
+        )
+    except (JaxcifarError, ValueError) as e:
+        cli.fail(parser.prog, str(e))
+    summary = report.summary
+    print(f"{summary['split']}: accuracy {100 * summary['accuracy']:.2f}% on {summary['images']} images")
+    for name, path in report.paths.items():
+        print(f"wrote {path}  ({name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Jitted train and eval steps over device-resident uint8 batches.
+
+``make_train_step`` / ``make_eval_step`` close over the static parts of the config and return
+``jax.jit``-ed functions. The train step donates the state (updated in place on the device).
+Metrics are sums over the batch (``loss_sum``, ``correct``, ``count``) so that epochs and padded
+batches add up exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcifar import transforms
+from jaxcifar.state import TrainState
+
+Batch = dict[str, jax.Array]  # {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,)]}
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy with optional label smoothing. Returns float32 (B,)."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: str = "crop-flip",
+    cutout_size: int = 8,
+    label_smoothing: float = 0.0,
+) -> tuple[TrainState, Metrics]:
+    """One SGD step: augment + normalize on the device, forward in train mode, update.
+
+    Returns the new state and ``{"loss_sum", "correct", "count"}`` (float32 scalars) of the batch.
+    """
+    step_key = jax.random.fold_in(state.rng, state.step)
+    images = transforms.augment(step_key, batch["image"], augment, cutout_size)
+    images = transforms.normalize(images, mean, std)
+    labels = batch["label"]
+
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
+        )
+        loss = cross_entropy(logits, labels, label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    count = jnp.float32(labels.shape[0])
+    metrics = {
+        "loss_sum": loss * count,
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+        "count": count,
+    }
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, mean: Sequence[float], std: Sequence[float]) -> Metrics:
+    """Eval-mode forward of a (possibly padded) batch; ``batch["mask"]`` marks the real examples.
+
+    Returns ``{"loss_sum", "correct", "count"}`` over the real examples (float32 scalars).
+    """
+    images = transforms.normalize(batch["image"], mean, std)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    losses = cross_entropy(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+def make_train_step(
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: str = "crop-flip",
+    cutout_size: int = 8,
+    label_smoothing: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Returns ``train_step`` jitted with these static settings, donating the state."""
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        return train_step(
+            state,
+            batch,
+            mean=tuple(mean),
+            std=tuple(std),
+            augment=augment,
+            cutout_size=cutout_size,
+            label_smoothing=label_smoothing,
+        )
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(mean: Sequence[float], std: Sequence[float]) -> Callable[[TrainState, Batch], Metrics]:
+    """Returns ``eval_step`` jitted for this normalization (the state is read, not donated)."""
+
+    def step(state: TrainState, batch: Batch) -> Metrics:
+        return eval_step(state, batch, mean=tuple(mean), std=tuple(std))
+
+    return jax.jit(step)
+
+
+@jax.jit
+def gather_batch(images: jax.Array, labels: jax.Array, index_rows: jax.Array, row: jax.Array) -> Batch:
+    """Returns batch ``row`` of a device-resident split: ``index_rows`` is int32 (steps, B).
+
+    Negative indices mark padding: they fetch image 0 and get ``mask`` False.
+    """
+    idx = jax.lax.dynamic_index_in_dim(index_rows, row, keepdims=False)
+    safe = jnp.maximum(idx, 0)
+    return {"image": images[safe], "label": labels[safe], "mask": idx >= 0}

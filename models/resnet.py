@@ -1,0 +1,101 @@
+"""CIFAR-style ResNet18/34 (BasicBlock only) in Flax Linen, NHWC.
+
+The architecture follows kuangliu/pytorch-cifar: a 3x3 stride-1 stem (no max-pool), four stages
+``layer1..layer4`` of BasicBlocks at ``width x (1, 2, 4, 8)`` channels with strides 1/2/2/2, a 1x1
+conv + BN projection shortcut where the shape changes, global average pooling and a Dense head.
+Convolutions carry no bias and use symmetric 1-pixel padding, as PyTorch's ``padding=1`` does, so
+that stride-2 stages see exactly the same windows as the PyTorch reference.
+
+Each stage output is exposed for explanation methods (GradCAM) without changing the forward pass:
+``sow('intermediates', 'layerK', ...)`` records the activation when the ``intermediates``
+collection is mutable, and ``perturb('layerK', ...)`` adds a zero in the ``perturbations``
+collection so ``jax.grad`` with respect to it is the gradient at that activation. Both are no-ops
+unless the caller asks for those collections.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+
+# PyTorch BatchNorm2d(momentum=0.1) keeps 0.9 of the old running value: Flax's momentum=0.9.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def _same_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Symmetric padding of a ``kernel x kernel`` conv, as PyTorch's ``padding=kernel // 2``."""
+    pad = kernel // 2
+    return ((pad, pad), (pad, pad))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity or projection (1x1 conv + BN) shortcut.
+
+    Input (B, H, W, C_in); output (B, H / strides, W / strides, features).
+    """
+
+    features: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+        )
+        y = conv(self.features, (3, 3), strides=self.strides, padding=_same_padding(3), name="conv1")(x)
+        y = nn.relu(norm(name="bn1")(y))
+        y = conv(self.features, (3, 3), padding=_same_padding(3), name="conv2")(y)
+        y = norm(name="bn2")(y)
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            shortcut = conv(self.features, (1, 1), strides=self.strides, padding=0, name="shortcut_conv")(x)
+            shortcut = norm(name="shortcut_bn")(shortcut)
+        return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet. ``apply(variables, x, train)`` maps (B, H, W, 3) images to (B, num_classes) logits.
+
+    Logits are float32 whatever the compute ``dtype``; parameters are always float32.
+    """
+
+    stage_sizes: Sequence[int]
+    num_classes: int = 10
+    width: int = 64
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = jnp.asarray(x, self.dtype)
+        x = nn.Conv(self.width, (3, 3), padding=_same_padding(3), use_bias=False, dtype=self.dtype, name="conv1")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype, name="bn1"
+        )(x)
+        x = nn.relu(x)
+        for stage, (name, num_blocks) in enumerate(zip(STAGE_NAMES, self.stage_sizes, strict=True)):
+            features = self.width * 2**stage
+            for block in range(num_blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = BasicBlock(features, strides, dtype=self.dtype, name=f"{name}_{block}")(x, train)
+            x = self.perturb(name, x)
+            self.sow("intermediates", name, x)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
+        return x.astype(jnp.float32)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))

@@ -1,0 +1,79 @@
+"""Shared fixtures. Compiles dominate test time on CPU: small widths, session-scoped runs."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import jax
+import pytest
+
+# Unit tests compare numbers, not speed: skip XLA's expensive optimization passes.
+jax.config.update("jax_disable_most_optimizations", True)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = Path(
+    os.environ.get("JAXCIFAR_SHARED_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared real CIFAR-10 JPEG tree, unpacked once per session (train/<class>/, test/<class>/).
+
+    Skips when the archive is absent, unless JAXCIFAR_REQUIRE_SHARED_DATA=1 (CI), where it fails.
+    """
+    if not SHARED_ARCHIVE.is_file():
+        message = f"shared CIFAR-10 archive not found at {SHARED_ARCHIVE}"
+        if os.environ.get("JAXCIFAR_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message + " and JAXCIFAR_REQUIRE_SHARED_DATA=1")
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("cifar10-jpeg")
+    with tarfile.open(SHARED_ARCHIVE) as tar:
+        tar.extractall(root, filter="data")
+    found = [p for p in root.rglob("train") if p.is_dir()]
+    assert found, f"{SHARED_ARCHIVE} holds no train/ folder"
+    return found[0].parent
+
+
+SYNTHETIC_RUN = dict(
+    data_source="synthetic",
+    width=8,
+    epochs=4,
+    batch_size=32,
+    train_subset=512,
+    test_subset=128,
+    lr=0.05,
+    keep_checkpoints=4,
+    log_every=4,
+)
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory: pytest.TempPathFactory):
+    """A finished 4-epoch ResNet18 (width 8) run on the synthetic problem: (config, FitResult)."""
+    from jaxcifar import Config, fit
+
+    config = Config(workdir=str(tmp_path_factory.mktemp("synthetic-run") / "run"), **SYNTHETIC_RUN)
+    return config, fit(config, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def real_run(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One epoch of ResNet18 (width 8) on 400 real shared images, with ``--report``: (config, FitResult)."""
+    from jaxcifar import Config, fit
+
+    config = Config(
+        data_source="folder",
+        data_dir=str(shared_data_dir),
+        train_subset=400,
+        test_subset=200,
+        width=8,
+        epochs=1,
+        batch_size=50,
+        lr=0.05,
+        report=True,
+        workdir=str(tmp_path_factory.mktemp("real-run") / "run"),
+    )
+    return config, fit(config, verbose=False)

@@ -1,0 +1,81 @@
+"""The training loop end to end: learning, outputs, resume, real data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from jaxcifar import CheckpointError, Config, fit
+from jaxcifar.checkpoint import read_history
+
+
+def test_loss_goes_down_on_learnable_problem(synthetic_run):
+    _, result = synthetic_run
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert result.history[-1]["test_acc"] > 0.5
+    chex.assert_tree_all_finite(result.state.params)
+    assert int(result.state.step) == 4 * (512 // 32)
+
+
+def test_workdir_outputs(synthetic_run):
+    config, result = synthetic_run
+    workdir = Path(config.workdir)
+    assert Config.load(workdir / "config.json") == config
+    history = read_history(workdir)
+    assert history == result.history and len(history) == 4
+    assert set(history[0]) >= {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+    assert history[-1]["lr"] < history[1]["lr"]  # onecycle annealed
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [16, 32, 48, 64]
+    assert len(list((workdir / "best").iterdir())) == 1
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_equals_uninterrupted_run(synthetic_run, tmp_path):
+    """Cut the finished run back to epoch 2 (as a crash would) and resume it: same result."""
+    config, full = synthetic_run
+    workdir = tmp_path / "interrupted"
+    shutil.copytree(config.workdir, workdir)
+    for directory in ("checkpoints", "best"):
+        for step_dir in (workdir / directory).iterdir():
+            if int(step_dir.name) > 32:
+                shutil.rmtree(step_dir)
+    resumed = fit(config.replace(workdir=str(workdir), resume=True), verbose=False)
+    assert int(resumed.state.step) == int(full.state.step)
+    chex.assert_trees_all_close(resumed.state.params, full.state.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(resumed.state.batch_stats, full.state.batch_stats, rtol=1e-5, atol=1e-6)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
+    expected = [{k: v for k, v in r.items() if k != "seconds"} for r in full.history]
+    assert [sorted(r) for r in strip] == [sorted(r) for r in expected]
+    np.testing.assert_allclose(
+        [[r[k] for k in sorted(r)] for r in strip], [[r[k] for k in sorted(r)] for r in expected], rtol=1e-5
+    )
+
+
+def test_existing_run_is_not_overwritten_without_resume(synthetic_run):
+    config, _ = synthetic_run
+    before = sorted(str(p.relative_to(config.workdir)) for p in Path(config.workdir).rglob("*"))
+    history = Path(config.workdir, "history.json").read_text()
+    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
+        fit(config, verbose=False)
+    after = sorted(str(p.relative_to(config.workdir)) for p in Path(config.workdir).rglob("*"))
+    assert before == after and Path(config.workdir, "history.json").read_text() == history
+
+
+def test_resume_refuses_a_workdir_of_another_model(synthetic_run):
+    config, _ = synthetic_run
+    with pytest.raises(CheckpointError, match=r"different run: --model resnet18 .* vs resnet34"):
+        fit(config.replace(model="resnet34", resume=True), verbose=False)
+
+
+def test_one_epoch_on_real_shared_images(real_run):
+    _, (state, history) = real_run
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
+    assert 0.0 <= history[0]["test_acc"] <= 1.0
+    assert int(state.step) == 400 // 50
+    assert jax.tree.leaves(state.params)[0].dtype == np.float32
