@@ -90,6 +90,14 @@ class Config:
     gamma: float = _field(0.1, "multistep: LR factor at each milestone.")
     warmup_epochs: float = _field(1.0, "warmup-cosine: epochs of linear warm-up from 0.")
     # Run.
+    num_devices: int = _field(
+        0, "Devices to split each batch over (data parallel, one jitted step); 0 = all devices of all hosts."
+    )
+    distributed: bool = _field(
+        False,
+        "Multi-host (TPU pods, several GPU hosts): call jax.distributed.initialize() first (auto-detected on "
+        "TPU/Slurm/Open MPI, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).",
+    )
     seed: int = _field(0, "Random seed (initialization, data order, augmentation, splits).")
     workdir: str = _field("runs/resnet18", "Directory for config.json, history.json, checkpoints, TensorBoard.")
     resume: bool = _field(False, "Continue the run in --workdir from its latest checkpoint.")
@@ -129,6 +137,7 @@ class Config:
         _check(1 <= self.cutout_size <= 32, "cutout_size", "must be in [1, 32]")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.log_every >= 1, "log_every", "must be >= 1")
+        _check(self.num_devices >= 0, "num_devices", "must be >= 0 (0 = all)")
         _check(self.data_source != "folder" or self.data_dir is not None, "data_dir", "is required with folder")
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import optax
 
 from jaxcifar.config import Config
+from jaxcifar.errors import ConfigError
 
 
 def onecycle_schedule(
@@ -28,7 +29,10 @@ def onecycle_schedule(
     peak_step = float(pct_start * total_steps) - 1.0
     end_step = float(total_steps - 1)
     if peak_step <= 0 or end_step <= peak_step:
-        raise ValueError(f"onecycle needs more steps: {total_steps} total, pct_start {pct_start}")
+        raise ConfigError(
+            f"--schedule onecycle needs more than {1 / pct_start:.0f} steps with --pct-start {pct_start}, got "
+            f"{total_steps} (epochs x steps per epoch); train longer, on more data, or use another --schedule"
+        )
     return optax.piecewise_interpolate_schedule(
         "cosine",
         init_value=initial,

@@ -14,8 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from jaxcifar import transforms
+from jaxcifar import parallel, transforms
 from jaxcifar.state import TrainState
 
 Batch = dict[str, jax.Array]  # {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,)]}
@@ -86,8 +87,12 @@ def make_train_step(
     augment: str = "crop-flip",
     cutout_size: int = 8,
     label_smoothing: float = 0.0,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Returns ``train_step`` jitted with these static settings, donating the state."""
+    """Returns ``train_step`` jitted with these static settings, donating the state.
+
+    With a ``mesh``, the state is replicated and the batch sharded over its ``data`` axis.
+    """
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         return train_step(
@@ -100,24 +105,43 @@ def make_train_step(
             label_smoothing=label_smoothing,
         )
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(step, donate_argnums=0, in_shardings=(rep, data), out_shardings=(rep, rep))
 
 
-def make_eval_step(mean: Sequence[float], std: Sequence[float]) -> Callable[[TrainState, Batch], Metrics]:
+def make_eval_step(
+    mean: Sequence[float], std: Sequence[float], mesh: Mesh | None = None
+) -> Callable[[TrainState, Batch], Metrics]:
     """Returns ``eval_step`` jitted for this normalization (the state is read, not donated)."""
 
     def step(state: TrainState, batch: Batch) -> Metrics:
         return eval_step(state, batch, mean=tuple(mean), std=tuple(std))
 
-    return jax.jit(step)
+    if mesh is None:
+        return jax.jit(step)
+    rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(rep, data), out_shardings=rep)
 
 
-@jax.jit
-def gather_batch(images: jax.Array, labels: jax.Array, index_rows: jax.Array, row: jax.Array) -> Batch:
+def take_batch(images: jax.Array, labels: jax.Array, index_rows: jax.Array, row: jax.Array) -> Batch:
     """Returns batch ``row`` of a device-resident split: ``index_rows`` is int32 (steps, B).
 
-    Negative indices mark padding: they fetch image 0 and get ``mask`` False.
+    Negative indices mark padding: they fetch image 0 and get ``mask`` False. Returns
+    ``{"image": uint8 (B, H, W, 3), "label": int32 (B,), "mask": bool (B,)}``.
     """
     idx = jax.lax.dynamic_index_in_dim(index_rows, row, keepdims=False)
     safe = jnp.maximum(idx, 0)
     return {"image": images[safe], "label": labels[safe], "mask": idx >= 0}
+
+
+gather_batch = jax.jit(take_batch)  # ``take_batch`` jitted, output on the default device.
+
+
+def make_gather_batch(mesh: Mesh) -> Callable[[jax.Array, jax.Array, jax.Array, int], Batch]:
+    """Returns ``gather_batch`` whose output batch is sharded over ``mesh``'s ``data`` axis.
+
+    Each device gathers its own slice from its replica of the split: no host round trip.
+    """
+    return jax.jit(take_batch, out_shardings=parallel.batch_sharded(mesh))

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import models
-from jaxcifar import optim, steps
+from jaxcifar import optim, parallel, steps
 from jaxcifar.checkpoint import Checkpointer, check_resumable, has_checkpoint
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, Split, load_dataset
@@ -51,9 +51,9 @@ class DeviceSplit(NamedTuple):
     labels: jax.Array
 
     @classmethod
-    def put(cls, split: Split) -> DeviceSplit:
-        """Copies a host split to the default device."""
-        return cls(jax.device_put(split.images), jax.device_put(split.labels))
+    def put(cls, split: Split, sharding: Any = None) -> DeviceSplit:
+        """Copies a host split to the device(s): the default device, or ``sharding`` (e.g. replicated)."""
+        return cls(jax.device_put(split.images, sharding), jax.device_put(split.labels, sharding))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -89,12 +89,16 @@ def evaluate(
     eval_step: Any,
     batch_size: int,
     index_rows: jax.Array | None = None,
+    gather: Any = steps.gather_batch,
 ) -> dict[str, float]:
-    """Returns ``{"loss", "acc"}`` of ``state`` over the whole split (padded last batch masked)."""
+    """Returns ``{"loss", "acc"}`` of ``state`` over the whole split (padded last batch masked).
+
+    ``eval_step`` comes from ``steps.make_eval_step``; ``gather`` slices batches on the device.
+    """
     rows = eval_index_rows(len(split), batch_size) if index_rows is None else index_rows
     totals = None
     for i in range(rows.shape[0]):
-        metrics = eval_step(state, steps.gather_batch(split.images, split.labels, rows, i))
+        metrics = eval_step(state, gather(split.images, split.labels, rows, i))
         totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
     totals = jax.device_get(totals)
     return {"loss": float(totals["loss_sum"] / totals["count"]), "acc": float(totals["correct"] / totals["count"])}
@@ -150,18 +154,23 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
     if existing:
         check_resumable(workdir, config)
 
-    devices = jax.devices()
-    _echo(f"devices: {len(devices)} x {devices[0].platform}", verbose)
+    if config.distributed:
+        parallel.initialize_distributed()
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_divisible(config.batch_size, mesh, "--batch-size")
+    parallel.check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
+    _echo(parallel.describe(mesh), verbose)
     if dataset is None:
         dataset = load_dataset(config)
     if dataset.num_classes != config.num_classes:
         raise JaxcifarError(
             f"dataset has {dataset.num_classes} classes, --dataset {config.dataset} needs {config.num_classes}"
         )
-    train = DeviceSplit.put(dataset.train)
-    evals = {"test": DeviceSplit.put(dataset.test)}
+    on_all = parallel.replicated(mesh)
+    train = DeviceSplit.put(dataset.train, on_all)
+    evals = {"test": DeviceSplit.put(dataset.test, on_all)}
     if dataset.val is not None:
-        evals = {"val": DeviceSplit.put(dataset.val), **evals}
+        evals = {"val": DeviceSplit.put(dataset.val, on_all), **evals}
     _echo(
         f"data: train {len(train)}, {'val ' + str(len(dataset.val)) + ', ' if dataset.val else ''}test "
         f"{len(dataset.test)} images, {dataset.num_classes} classes",
@@ -172,7 +181,7 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
     schedule = optim.make_schedule(config, steps_per_epoch)
     tx = optim.make_optimizer(config, schedule)
     model = build_model(config)
-    state = create_train_state(model, tx, config.seed)
+    state = jax.device_put(create_train_state(model, tx, config.seed), on_all)
     _echo(
         f"model: {config.model} width {config.width}, {param_count(state.params):,} parameters, {config.dtype}", verbose
     )
@@ -186,25 +195,28 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
         if restored is None:
             _echo(f"resume: no checkpoint in {workdir}, starting from scratch", verbose)
         else:
-            state, meta = restored
+            state, meta = jax.device_put(restored[0], on_all), restored[1]
             history, best = list(meta["history"]), float(meta["best"])
             _echo(f"resume: epoch {len(history)} (step {int(state.step)}) from {workdir}", verbose)
-    config.save(workdir / "config.json")
-    writer = MetricWriter(workdir, history)
+    is_main = jax.process_index() == 0  # only one host writes files
+    if is_main:
+        config.save(workdir / "config.json")
+    writer = MetricWriter(workdir, history, enabled=is_main)
 
     train_step = steps.make_train_step(
-        dataset.mean, dataset.std, config.augment, config.cutout_size, config.label_smoothing
+        dataset.mean, dataset.std, config.augment, config.cutout_size, config.label_smoothing, mesh=mesh
     )
-    eval_step = steps.make_eval_step(dataset.mean, dataset.std)
+    eval_step = steps.make_eval_step(dataset.mean, dataset.std, mesh=mesh)
+    gather = steps.make_gather_batch(mesh)
     eval_rows = {name: eval_index_rows(len(split), config.eval_batch_size) for name, split in evals.items()}
     shuffle_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xDA7A)
 
     t0 = time.perf_counter()
-    example = steps.gather_batch(
+    example = gather(
         train.images, train.labels, shuffled_index_rows(shuffle_key, len(train), steps_per_epoch, config.batch_size), 0
     )
     train_step = train_step.lower(state, example).compile()
-    eval_example = steps.gather_batch(evals["test"].images, evals["test"].labels, eval_rows["test"], 0)
+    eval_example = gather(evals["test"].images, evals["test"].labels, eval_rows["test"], 0)
     eval_step = eval_step.lower(state, eval_example).compile()
     _echo(f"compile: {time.perf_counter() - t0:.1f}s (train and eval steps, once per run)", verbose)
 
@@ -224,7 +236,7 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
                 dynamic_ncols=True,
             )
             for i in range(steps_per_epoch):
-                state, metrics = train_step(state, steps.gather_batch(train.images, train.labels, rows, i))
+                state, metrics = train_step(state, gather(train.images, train.labels, rows, i))
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
                 if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
                     host = jax.device_get(sums)
@@ -242,7 +254,7 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
                 "train_acc": float(host["correct"] / host["count"]),
             }
             for name, split in evals.items():
-                result = evaluate(state, split, eval_step, config.eval_batch_size, eval_rows[name])
+                result = evaluate(state, split, eval_step, config.eval_batch_size, eval_rows[name], gather)
                 record[f"{name}_loss"], record[f"{name}_acc"] = result["loss"], result["acc"]
             record["lr"] = float(schedule(int(state.step) - 1))
             record["seconds"] = time.perf_counter() - start
@@ -253,7 +265,7 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
             meta = {"epoch": epoch, "step": int(state.step), "history": writer.history, "best": best}
             checkpointer.save(state, meta, is_best)
             _echo(_summary_line(record, config.epochs), verbose)
-        if config.report:
+        if config.report and is_main:
             checkpointer.wait()
             _write_report(config, dataset, writer, verbose)
     finally:

@@ -49,6 +49,7 @@ def test_defaults_reproduce_the_assignment_run():
         (["--val-fraction", "1.0"], "--val-fraction must be in [0, 1)"),
         (["--val-fraction", "-0.1"], "--val-fraction must be in [0, 1)"),
         (["--epochs", "three"], "--epochs: invalid int value"),
+        (["--num-devices", "-1"], "--num-devices must be >= 0"),
     ],
 )
 def test_bad_flags(argv, expected, capsys, tmp_path):
@@ -71,6 +72,19 @@ def test_missing_and_empty_data_dir(capsys, tmp_path):
     )
     assert code == 1 and "missing train/ folder" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_more_devices_than_present(capsys, tmp_path):
+    code, err = run_main(
+        ["--data-source", "synthetic", "--num-devices", "64", "--workdir", str(tmp_path / "w")], capsys
+    )
+    assert code == 1 and "--num-devices 64: only" in err and len(err.strip().splitlines()) == 1
+
+
+def test_too_few_steps_for_onecycle(capsys, tmp_path):
+    argv = ["--data-source", "synthetic", "--train-subset", "64", "--batch-size", "64", "--epochs", "1"]
+    code, err = run_main([*argv, "--workdir", str(tmp_path / "w")], capsys)
+    assert code == 1 and "--schedule onecycle needs more than 3 steps" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unreadable_image(capsys, tmp_path):
