@@ -18,17 +18,20 @@ import numpy as np
 from jaxcifar import transforms
 
 
-@functools.partial(jax.jit, static_argnames=("model", "mean", "std"))
+@functools.partial(jax.jit, static_argnames=("model", "mean", "std", "tta"))
 def _predict_batch(
     model: nn.Module,
     variables: Mapping[str, Any],
     images: jax.Array,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    tta: str = "none",
 ) -> tuple[jax.Array, jax.Array]:
-    """Eval-mode softmax of one uint8 batch: float32 (B, C) probabilities and int32 (B,) argmax."""
-    logits = model.apply(variables, transforms.normalize(images, mean, std), train=False)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    """Eval-mode softmax of one uint8 batch (averaged over TTA views): float32 (B, C) and int32 (B,) argmax."""
+    views = transforms.tta_views(transforms.normalize(images, mean, std), tta)
+    v, b = views.shape[:2]
+    logits = model.apply(variables, views.reshape(v * b, *views.shape[2:]), train=False)
+    probs = jax.nn.softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1).mean(axis=0)
     return probs, jnp.argmax(probs, axis=-1).astype(jnp.int32)
 
 
@@ -39,11 +42,13 @@ def predict(
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 256,
+    tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predicts a whole split: ``images`` uint8 (N, H, W, C), normalized with ``mean``/``std`` on the device.
 
     Runs eval-mode batches of ``min(batch_size, N)`` images (the last one zero-padded, so there is one
-    compile per call shape). Returns NumPy ``(probs, preds)``: float32 (N, num_classes) softmax
+    compile per call shape); ``tta`` averages the softmax over test-time views
+    (``transforms.tta_views``). Returns NumPy ``(probs, preds)``: float32 (N, num_classes) softmax
     probabilities and int32 (N,) ``argmax(probs)``.
     """
     images = np.asarray(images)
@@ -54,7 +59,9 @@ def predict(
     padding = np.zeros((-n % batch, *images.shape[1:]), np.uint8)
     padded = np.concatenate([images, padding])
     stats = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    outputs = [_predict_batch(model, variables, padded[i : i + batch], *stats) for i in range(0, len(padded), batch)]
+    outputs = [
+        _predict_batch(model, variables, padded[i : i + batch], *stats, tta) for i in range(0, len(padded), batch)
+    ]
     probs = np.concatenate([np.asarray(p) for p, _ in outputs])[:n]
     preds = np.concatenate([np.asarray(p) for _, p in outputs])[:n]
     return probs, preds

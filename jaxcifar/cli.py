@@ -30,6 +30,8 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = (
             kwargs["action"] = argparse.BooleanOptionalAction
         elif annotation.startswith("tuple"):
             kwargs.update(type=int, nargs="+", metavar="EPOCH")
+        elif f.metadata.get("parse") == "lr":
+            kwargs.update(type=parse_lr, metavar="LR|auto")
         else:
             base = annotation.replace(" | None", "")
             kwargs["type"] = {"int": int, "float": float, "str": str}[base]
@@ -39,7 +41,18 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = (
                 kwargs["metavar"] = base.upper() if base != "str" else "VALUE"
         kwargs["default"] = default
         kwargs["help"] += " (default: %(default)s)"
-        parser.add_argument(flag(f.name), **kwargs)
+        names = [flag(f.name), *(["--max-lr"] if f.name == "lr" else [])]
+        parser.add_argument(*names, **kwargs)
+
+
+def parse_lr(text: str) -> float | str:
+    """argparse type of ``--lr``: a float, or ``auto`` (run the LR range test first)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a number or auto") from None
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -47,6 +60,21 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
     names = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in vars(args).items() if k in names}
     return (base or Config()).replace(**values)
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> Config:
+    """Parses ``argv`` (``--config JSON`` first, flags override it) into a Config; bad input exits 2."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        try:
+            parser.set_defaults(**Config.load(args.config).to_dict())
+        except (OSError, ValueError, TypeError) as e:
+            parser.error(f"--config {args.config}: {e}")
+        args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def fail(prog: str, message: str, code: int = 1) -> NoReturn:

@@ -67,7 +67,12 @@ class Config:
     batch_size: int = _field(512, "Training batch size (the last partial batch of each epoch is dropped).")
     eval_batch_size: int = _field(1000, "Evaluation batch size (the last batch is padded and masked).")
     optimizer: str = _field("sgd", "Optimizer (optax).", choices=OPTIMIZERS)
-    lr: float = _field(0.4, "Peak learning rate (the max LR of onecycle, the initial LR of the others).")
+    lr: float | str = _field(
+        0.4,
+        "Peak learning rate (the max LR of onecycle, the initial LR of the others); 'auto' runs the LR range "
+        "test first (python -m jaxcifar.lr_find) and uses its suggestion. Alias: --max-lr.",
+        parse="lr",
+    )
     momentum: float = _field(0.9, "SGD momentum, or Adam/AdamW beta1.")
     nesterov: bool = _field(True, "SGD: Nesterov momentum (--no-nesterov turns it off).")
     weight_decay: float = _field(
@@ -89,6 +94,32 @@ class Config:
     milestones: tuple[int, ...] = _field((10, 15), "multistep: epochs at which the LR is multiplied by gamma.")
     gamma: float = _field(0.1, "multistep: LR factor at each milestone.")
     warmup_epochs: float = _field(1.0, "warmup-cosine: epochs of linear warm-up from 0.")
+    # Advanced training policies (all off by default).
+    ema_decay: float | None = _field(
+        None,
+        "Keep an exponential moving average of the weights (and BatchNorm statistics) with this decay, in "
+        "[0, 1), e.g. 0.999; evaluation, the best checkpoint and the report then use the EMA weights.",
+    )
+    mixup_alpha: float = _field(0.0, "MixUp: lambda ~ Beta(alpha, alpha), e.g. 0.2; 0 = off.")
+    cutmix_alpha: float = _field(0.0, "CutMix: lambda ~ Beta(alpha, alpha), e.g. 1.0; 0 = off (both on: 50/50).")
+    mix_prob: float = _field(1.0, "Probability that a batch is mixed (MixUp/CutMix), in [0, 1].")
+    mix_off_epoch: int = _field(0, "Stop MixUp/CutMix for the last this many epochs.")
+    tta: str = _field(
+        "none",
+        "Test-time augmentation at evaluation: flip (original + mirror) or flip-translate (+ four 1-px shifts); "
+        "softmax averaged over the views.",
+        choices=("none", "flip", "flip-translate"),
+    )
+    cycle_momentum: bool = _field(
+        False,
+        "onecycle: cycle SGD momentum (Adam beta1) inversely to the LR between --max-momentum and "
+        "--base-momentum, as PyTorch OneCycleLR(cycle_momentum=True); replaces --momentum.",
+    )
+    base_momentum: float = _field(0.85, "Momentum at the LR peak with --cycle-momentum.")
+    max_momentum: float = _field(0.95, "Momentum at the start and end with --cycle-momentum.")
+    lr_find_start: float = _field(1e-7, "LR range test: first learning rate.")
+    lr_find_end: float = _field(10.0, "LR range test: last learning rate (reached exponentially).")
+    lr_find_steps: int = _field(100, "LR range test: number of steps (stops early when the loss diverges).")
     # Run.
     num_devices: int = _field(
         0, "Devices to split each batch over (data parallel, one jitted step); 0 = all devices of all hosts."
@@ -124,7 +155,16 @@ class Config:
         _check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         _check(self.train_subset is None or self.train_subset >= 1, "train_subset", "must be >= 1")
         _check(self.test_subset is None or self.test_subset >= 1, "test_subset", "must be >= 1")
-        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.lr == "auto" or (isinstance(self.lr, int | float) and self.lr > 0), "lr", "must be > 0 or auto")
+        _check(self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        _check(self.mixup_alpha >= 0, "mixup_alpha", "must be >= 0 (0 = off)")
+        _check(self.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0 (0 = off)")
+        _check(0.0 <= self.mix_prob <= 1.0, "mix_prob", "must be in [0, 1]")
+        _check(0 <= self.mix_off_epoch <= self.epochs, "mix_off_epoch", "must be in [0, --epochs]")
+        _check(0.0 <= self.base_momentum < self.max_momentum < 1.0, "base_momentum", "< --max-momentum < 1 required")
+        _check(not self.cycle_momentum or self.schedule == "onecycle", "cycle_momentum", "needs --schedule onecycle")
+        _check(0 < self.lr_find_start < self.lr_find_end, "lr_find_start", "must be > 0 and < --lr-find-end")
+        _check(self.lr_find_steps >= 5, "lr_find_steps", "must be >= 5")
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")

@@ -40,6 +40,25 @@ def onecycle_schedule(
     )
 
 
+def onecycle_momentum_schedule(
+    total_steps: int, base_momentum: float = 0.85, max_momentum: float = 0.95, pct_start: float = 0.3
+) -> optax.Schedule:
+    """Momentum of PyTorch ``OneCycleLR(cycle_momentum=True)``: the mirror image of the LR cycle.
+
+    ``max_momentum`` at step 0, ``base_momentum`` at the LR peak (step ``pct_start * total - 1``),
+    ``max_momentum`` again at step ``total - 1``, cosine in between. Returns step -> float32.
+    """
+    peak_step = float(pct_start * total_steps) - 1.0
+    return optax.piecewise_interpolate_schedule(
+        "cosine",
+        init_value=max_momentum,
+        boundaries_and_scales={
+            peak_step: base_momentum / max_momentum,
+            float(total_steps - 1): max_momentum / base_momentum,
+        },
+    )
+
+
 def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     """Returns the LR schedule of ``config`` over ``config.epochs * steps_per_epoch`` steps."""
     total = config.epochs * steps_per_epoch
@@ -59,26 +78,45 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
-def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(
+    config: Config, schedule: optax.Schedule, momentum: optax.Schedule | None = None
+) -> optax.GradientTransformation:
     """Returns the optax optimizer of ``config`` driven by ``schedule``.
 
     Order: clip the raw gradient (``grad_clip``), then weight decay, then the update rule.
     ``sgd``/``adam`` use coupled L2 (``g + wd * p``, PyTorch SGD/Adam ``weight_decay``);
-    ``adamw`` uses decoupled decay (``p -= lr * wd * p``, PyTorch AdamW).
+    ``adamw`` uses decoupled decay (``p -= lr * wd * p``, PyTorch AdamW). A ``momentum`` schedule
+    (SGD momentum, Adam beta1) is injected with ``optax.inject_hyperparams``; by default the
+    momentum is the constant ``config.momentum``.
     """
+    beta: float | optax.Schedule = config.momentum if momentum is None else momentum
+    inject = optax.inject_hyperparams if momentum is not None else (lambda f, **_: f)
     parts: list[optax.GradientTransformation] = []
     if config.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
+    if config.optimizer in ("sgd", "adam") and config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
     if config.optimizer == "sgd":
-        if config.weight_decay > 0:
-            parts.append(optax.add_decayed_weights(config.weight_decay))
-        parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+        sgd = inject(optax.sgd, static_args=("nesterov",))
+        parts.append(sgd(learning_rate=schedule, momentum=beta or None, nesterov=config.nesterov))
     elif config.optimizer == "adam":
-        if config.weight_decay > 0:
-            parts.append(optax.add_decayed_weights(config.weight_decay))
-        parts.append(optax.adam(schedule, b1=config.momentum))
+        parts.append(inject(optax.adam)(learning_rate=schedule, b1=beta))
     elif config.optimizer == "adamw":
-        parts.append(optax.adamw(schedule, b1=config.momentum, weight_decay=config.weight_decay))
+        parts.append(inject(optax.adamw)(learning_rate=schedule, b1=beta, weight_decay=config.weight_decay))
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
     return optax.chain(*parts)
+
+
+def make_training_optimizer(
+    config: Config, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Returns (optimizer, LR schedule) of a run: ``make_schedule`` + ``make_optimizer``, with the
+    OneCycle momentum schedule when ``config.cycle_momentum``."""
+    schedule = make_schedule(config, steps_per_epoch)
+    momentum = None
+    if config.cycle_momentum:
+        momentum = onecycle_momentum_schedule(
+            config.epochs * steps_per_epoch, config.base_momentum, config.max_momentum, config.pct_start
+        )
+    return make_optimizer(config, schedule, momentum), schedule

@@ -211,3 +211,36 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.array(canvas.buffer_rgba())[..., :3]
+
+
+def plot_lr_find(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    suggestion: float,
+    steepest: float | None = None,
+    path: str | Path | None = None,
+    dpi: int = 100,
+) -> Figure:
+    """LR range test: smoothed loss against LR (log x-axis), the suggested LR marked (and the steepest).
+
+    Returns the 6 x 4 inch Figure.
+    """
+    fig = Figure(figsize=(6, 4), dpi=dpi, layout="constrained")
+    ax = fig.subplots()
+    lrs_arr, losses_arr = np.asarray(lrs, float), np.asarray(losses, float)
+    ax.plot(lrs_arr, losses_arr)
+    ax.set_xscale("log")
+    at = float(np.interp(np.log(suggestion), np.log(lrs_arr), losses_arr))
+    ax.plot([suggestion], [at], "o", color="tab:red", label=f"suggested max LR {suggestion:.2g} (valley)")
+    if steepest is not None:
+        at = float(np.interp(np.log(steepest), np.log(lrs_arr), losses_arr))
+        ax.plot([steepest], [at], "s", color="tab:green", label=f"steepest descent {steepest:.2g}")
+    finite = losses_arr[np.isfinite(losses_arr)]
+    if finite.size:
+        ax.set_ylim(finite.min() - 0.05 * np.ptp(finite), min(finite.max(), 4 * finite.min()) + 0.05 * np.ptp(finite))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title("LR range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _finish(fig, path, dpi)

@@ -5,6 +5,9 @@ Loads a workdir's best checkpoint, predicts a whole split, and writes into the w
 confident mistakes), ``gradcam.png`` (Grad-CAM of the predicted class on those N images),
 ``confusion.png`` and ``report.json`` (accuracy, per-class accuracy, confusion matrix, the
 misclassified examples).
+
+``make_torch_report(checkpoint)`` (``--torch-checkpoint``) does the same for a PyTorch checkpoint with
+the kuangliu/pytorch-cifar key layout (see ``jaxcifar.interop``), without the training curves.
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcifar import analysis, cli, gradcam, optim, plots, transforms
+from jaxcifar import analysis, cli, gradcam, interop, optim, plots, transforms
 from jaxcifar.checkpoint import load_best, read_history, write_json
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, Split, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, JaxcifarError
 from jaxcifar.state import create_train_state
 from jaxcifar.trainer import build_model
+from models import available_models
 
 SPLITS = ("test", "val", "train")
 FIGURES = ("curves", "lr", "misclassified", "gradcam", "confusion")
+TORCH_FIGURES = ("misclassified", "gradcam", "confusion")  # a PyTorch checkpoint has no jaxcifar history
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +59,16 @@ def load_run_config(workdir: str | Path) -> Config:
 
 
 def load_best_variables(workdir: str | Path, config: Config, dataset: Dataset) -> tuple[dict[str, Any], dict]:
-    """Returns ({"params", "batch_stats"}, checkpoint metadata) of the workdir's best checkpoint."""
+    """Returns ({"params", "batch_stats"}, checkpoint metadata) of the workdir's best checkpoint.
+
+    These are the EMA weights when the run kept them (``--ema-decay``), as training evaluated them.
+    """
     model = build_model(config)
     steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
-    tx = optim.make_optimizer(config, optim.make_schedule(config, steps_per_epoch))
-    state, meta = load_best(workdir, create_train_state(model, tx, config.seed))
-    return {"params": state.params, "batch_stats": state.batch_stats}, meta
+    tx, _ = optim.make_training_optimizer(config, steps_per_epoch)
+    use_ema = config.ema_decay is not None
+    state, meta = load_best(workdir, create_train_state(model, tx, config.seed, ema=use_ema))
+    return state.variables(ema=use_ema), meta
 
 
 def lr_per_step(config: Config, num_train: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,11 +98,19 @@ def make_report(
     allow_small_layer: bool = False,
     out_dir: str | Path | None = None,
     dpi: int = 100,
+    tta: str = "none",
+    training_curves: bool = True,
+    checkpoint_info: dict[str, Any] | None = None,
 ) -> Report:
     """Writes the pictures and ``report.json`` of a run into ``out_dir`` (default ``workdir``).
 
     ``config`` defaults to the workdir's config.json, ``dataset`` to loading it from that config,
-    ``variables`` to the best checkpoint. Returns a ``Report`` with the summary dict and the figures.
+    ``variables`` to the best checkpoint (EMA weights when kept); ``tta`` averages predictions over
+    test-time views (the Grad-CAM maps explain the plain image). Returns a ``Report`` with the
+    summary dict and the figures.
+    ``training_curves=False`` leaves out ``curves`` and ``lr`` (for a model trained elsewhere);
+    ``checkpoint_info`` is what report.json records under ``checkpoint`` (default: the best
+    checkpoint's epoch and step).
     Raises ``JaxcifarError`` subclasses for a missing workdir/checkpoint/split, ValueError from
     ``grad_cam`` for a layer smaller than 5x5 unless ``allow_small_layer``.
     """
@@ -112,7 +129,7 @@ def make_report(
 
     data = _split(dataset, split)
     probs, preds = analysis.predict(
-        model, variables, data.images, dataset.mean, dataset.std, batch_size=config.eval_batch_size
+        model, variables, data.images, dataset.mean, dataset.std, batch_size=config.eval_batch_size, tta=tta
     )
     mistakes = analysis.misclassified(data.images, data.labels, probs, n=n)
     confusion = analysis.confusion_matrix(data.labels, preds, dataset.num_classes)
@@ -120,9 +137,9 @@ def make_report(
     nll = -np.log(np.clip(probs[np.arange(len(data)), data.labels], 1e-12, None))
 
     figures: dict[str, Figure] = {}
-    history = read_history(workdir)
-    figures["curves"] = plots.plot_curves(history, dpi=dpi)
-    figures["lr"] = plots.plot_lr(lr_per_step(config, len(dataset.train)), dpi=dpi)
+    if training_curves:
+        figures["curves"] = plots.plot_curves(read_history(workdir), dpi=dpi)
+        figures["lr"] = plots.plot_lr(lr_per_step(config, len(dataset.train)), dpi=dpi)
     figures["misclassified"] = plots.plot_misclassified(
         mistakes.images, mistakes.true, mistakes.pred, mistakes.confidence, dataset.class_names, n=n, dpi=dpi
     )
@@ -144,10 +161,13 @@ def make_report(
         fig.savefig(paths[name], dpi=dpi)
     summary = {
         "split": split,
+        "tta": tta,
         "images": len(data),
         "accuracy": float(np.mean(preds == data.labels)),
         "loss": float(nll.mean()),
-        "checkpoint": {"epoch": meta.get("epoch"), "step": meta.get("step")} if meta else None,
+        "checkpoint": checkpoint_info
+        if checkpoint_info is not None
+        else ({"epoch": meta.get("epoch"), "step": meta.get("step")} if meta else None),
         "layer": layer_label,
         "class_names": list(dataset.class_names),
         "per_class_accuracy": {c: float(a) for c, a in zip(dataset.class_names, per_class, strict=True)},
@@ -162,14 +182,127 @@ def make_report(
     return Report(summary=summary, figures=figures, paths=paths)
 
 
+def make_torch_report(
+    checkpoint: str | Path,
+    model: str | None = None,
+    n: int = 10,
+    layer: str = "layer3",
+    split: str = "test",
+    *,
+    data_dir: str | None = None,
+    dataset: Dataset | None = None,
+    mean: Sequence[float] = interop.KUANGLIU_MEAN,
+    std: Sequence[float] = interop.KUANGLIU_STD,
+    subset: int | None = None,
+    allow_small_layer: bool = False,
+    out_dir: str | Path | None = None,
+    dpi: int = 100,
+    tta: str = "none",
+) -> Report:
+    """Explains a PyTorch checkpoint (kuangliu/pytorch-cifar layout) with the pictures of ``make_report``.
+
+    ``model`` is ``resnet18``/``resnet34`` (default: from the checkpoint's keys); width and class count
+    come from the checkpoint (10 classes: CIFAR-10, 100: CIFAR-100). The images are normalized with
+    ``mean``/``std``, the transform the model was trained with (default: kuangliu's). ``dataset``
+    defaults to loading the test (or train) split from ``data_dir`` as ``--data-source auto`` does,
+    ``subset`` keeps that many images of it (stratified). Writes misclassified, Grad-CAM and confusion
+    pictures and report.json into ``out_dir`` (default: ``<checkpoint stem>_report`` beside the
+    file); returns the ``Report``. Needs torch. Raises ``JaxcifarError`` subclasses for an unreadable
+    or mismatching checkpoint, bad flags or data.
+    """
+    if split not in ("test", "train"):
+        raise ConfigError(f"--split {split!r}: a PyTorch checkpoint is reported on test or train")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(tuple(values)) != 3 or (name == "std" and min(values) <= 0):
+            raise ConfigError(f"--{name} needs 3 values (R G B){', all > 0' if name == 'std' else ''}, got {values}")
+    variables, meta = interop.load_torch_checkpoint(checkpoint, model)
+    datasets = {10: "cifar10", 100: "cifar100"}
+    if meta["num_classes"] not in datasets:
+        raise CheckpointError(f"{checkpoint}: {meta['num_classes']} classes; the report knows CIFAR-10 and CIFAR-100")
+    out = Path(out_dir) if out_dir else Path(checkpoint).with_name(f"{Path(checkpoint).stem}_report")
+    few = meta["num_classes"]  # one image per class of the split that is not reported (never decoded in full)
+    train_subset = subset if split == "train" else few
+    config = Config(
+        model=meta["model"],
+        width=meta["width"],
+        dataset=datasets[meta["num_classes"]],
+        data_dir=data_dir,
+        test_subset=subset if split == "test" else few,
+        train_subset=train_subset,
+        batch_size=min(Config.batch_size, train_subset or Config.batch_size),  # unused, but checked against the data
+        workdir=str(out),
+    )
+    dataset = dataset or load_dataset(config)
+    dataset = dataclasses.replace(dataset, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+    info = {
+        "torch_checkpoint": str(checkpoint),
+        "model": meta["model"],
+        "width": meta["width"],
+        "epoch": meta.get("epoch"),
+        "acc": meta.get("acc"),
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+    }
+    return make_report(
+        out,
+        n=n,
+        layer=layer,
+        split=split,
+        dataset=dataset,
+        variables=variables,
+        config=config,
+        allow_small_layer=allow_small_layer,
+        out_dir=out,
+        dpi=dpi,
+        tta=tta,
+        training_curves=False,
+        checkpoint_info=info,
+    )
+
+
 def build_parser() -> cli.ArgumentParser:
     """Returns the parser of ``python -m jaxcifar.report``."""
     parser = cli.ArgumentParser(
         prog="python -m jaxcifar.report",
         description="Write curves, misclassified and Grad-CAM galleries, the confusion matrix and report.json "
-        "for a training workdir (its best checkpoint).",
+        "for a training workdir (its best checkpoint), or for a PyTorch checkpoint (--torch-checkpoint).",
     )
-    parser.add_argument("--workdir", required=True, help="The training run's workdir (holds config.json, best/).")
+    parser.add_argument("--workdir", help="The training run's workdir (holds config.json, best/).")
+    parser.add_argument(
+        "--torch-checkpoint",
+        metavar="PATH",
+        help="Explain this PyTorch checkpoint instead of a workdir: a kuangliu/pytorch-cifar ResNet18/34 "
+        "state_dict, or its {'net': ..., 'acc', 'epoch'} ckpt.pth (needs torch: pip install 'jaxcifar[torch]'). "
+        "No curves; the data come from --data-dir (or tensorflow-datasets).",
+    )
+    parser.add_argument(
+        "--model",
+        choices=available_models(),
+        help="With --torch-checkpoint: the architecture (default: told by the checkpoint's keys).",
+    )
+    parser.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="With --torch-checkpoint: the normalization mean the model was trained with "
+        f"(default: kuangliu/pytorch-cifar's {' '.join(map(str, interop.KUANGLIU_MEAN))}).",
+    )
+    parser.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="With --torch-checkpoint: the normalization std the model was trained with "
+        f"(default: kuangliu/pytorch-cifar's {' '.join(map(str, interop.KUANGLIU_STD))}; "
+        "CIFAR-10's true std is 0.2470 0.2435 0.2616).",
+    )
+    parser.add_argument(
+        "--subset",
+        type=int,
+        metavar="N",
+        help="With --torch-checkpoint: only this many images of the split (stratified).",
+    )
     parser.add_argument("--n", type=int, default=10, help="How many misclassified images to show (default: 10).")
     parser.add_argument(
         "--layer", default="layer3", help="Grad-CAM layer: layer1..layer4 (default: layer3, 8x8 on 32x32 inputs)."
@@ -181,32 +314,69 @@ def build_parser() -> cli.ArgumentParser:
         help="Allow a Grad-CAM layer smaller than 5x5 (layer4 on 32x32 inputs is 4x4: too coarse to localize).",
     )
     parser.add_argument("--data-dir", help="Read the data from here instead of the run's --data-dir.")
-    parser.add_argument("--out-dir", help="Write the files here instead of the workdir.")
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip", "flip-translate"),
+        default="none",
+        help="Average predictions over test-time views (default: none; the report says which).",
+    )
+    parser.add_argument(
+        "--out-dir",
+        help="Write the files here instead of the workdir (with --torch-checkpoint: instead of "
+        "<checkpoint stem>_report/ beside it).",
+    )
     return parser
+
+
+_TORCH_ONLY = ("model", "mean", "std", "subset")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the report CLI; returns 0, or exits 1 (user error) / 2 (bad flags) with one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.workdir is None) == (args.torch_checkpoint is None):
+        parser.error("give either --workdir or --torch-checkpoint")
+    if args.workdir is not None:
+        given = [f"--{name}" for name in _TORCH_ONLY if getattr(args, name) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} only go with --torch-checkpoint")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = load_run_config(args.workdir)
-        if args.data_dir:
-            config = config.replace(data_dir=args.data_dir)
-        report = make_report(
-            args.workdir,
-            n=args.n,
-            layer=args.layer,
-            split=args.split,
-            config=config,
-            allow_small_layer=args.allow_small_layer,
-            out_dir=args.out_dir,
-        )
+        if args.torch_checkpoint is not None:
+            report = make_torch_report(
+                args.torch_checkpoint,
+                args.model,
+                n=args.n,
+                layer=args.layer,
+                split=args.split,
+                data_dir=args.data_dir,
+                mean=args.mean or interop.KUANGLIU_MEAN,
+                std=args.std or interop.KUANGLIU_STD,
+                subset=args.subset,
+                allow_small_layer=args.allow_small_layer,
+                out_dir=args.out_dir,
+                tta=args.tta,
+            )
+        else:
+            config = load_run_config(args.workdir)
+            if args.data_dir:
+                config = config.replace(data_dir=args.data_dir)
+            report = make_report(
+                args.workdir,
+                n=args.n,
+                layer=args.layer,
+                split=args.split,
+                config=config,
+                allow_small_layer=args.allow_small_layer,
+                out_dir=args.out_dir,
+                tta=args.tta,
+            )
     except (JaxcifarError, ValueError) as e:
         cli.fail(parser.prog, str(e))
     summary = report.summary
-    print(f"{summary['split']}: accuracy {100 * summary['accuracy']:.2f}% on {summary['images']} images")
+    tta = f" with TTA {summary['tta']}" if summary["tta"] != "none" else ""
+    print(f"{summary['split']}: accuracy {100 * summary['accuracy']:.2f}% on {summary['images']} images{tta}")
     for name, path in report.paths.items():
         print(f"wrote {path}  ({name})")
     return 0

@@ -17,18 +17,11 @@ import optax
 from jax.sharding import Mesh
 
 from jaxcifar import parallel, transforms
+from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
 from jaxcifar.state import TrainState
 
 Batch = dict[str, jax.Array]  # {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,)]}
 Metrics = dict[str, jax.Array]
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example cross-entropy with optional label smoothing. Returns float32 (B,)."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def train_step(
@@ -40,44 +33,70 @@ def train_step(
     augment: str = "crop-flip",
     cutout_size: int = 8,
     label_smoothing: float = 0.0,
+    mix: MixSpec = NO_MIX,
+    ema_decay: float | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """One SGD step: augment + normalize on the device, forward in train mode, update.
+    """One optimizer step: augment (+ MixUp/CutMix) + normalize on the device, train-mode forward, update.
 
-    Returns the new state and ``{"loss_sum", "correct", "count"}`` (float32 scalars) of the batch.
+    Returns the new state and ``{"loss_sum", "correct", "count"}`` (float32 scalars) of the batch;
+    under mixing, ``correct`` counts agreement with each image's dominant label. With ``ema_decay``
+    the state's EMA weights are updated after the step.
     """
     step_key = jax.random.fold_in(state.rng, state.step)
     images = transforms.augment(step_key, batch["image"], augment, cutout_size)
     images = transforms.normalize(images, mean, std)
     labels = batch["label"]
+    images, lam = mix_batch(jax.random.fold_in(step_key, 1), images, state.step, mix)
+    dominant = jnp.where(lam >= 0.5, labels, labels[::-1])
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
         )
-        loss = cross_entropy(logits, labels, label_smoothing).mean()
+        dtype = jnp.promote_types(logits.dtype, jnp.float32)  # float64 logits stay float64
+        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=dtype)
+        if label_smoothing:
+            targets = optax.smooth_labels(targets, label_smoothing)
+        loss = optax.softmax_cross_entropy(logits.astype(dtype), mix_targets(targets, lam)).mean()
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if ema_decay is not None:
+        state = state.update_ema(ema_decay)
     count = jnp.float32(labels.shape[0])
     metrics = {
         "loss_sum": loss * count,
-        "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+        "correct": jnp.sum(jnp.argmax(logits, -1) == dominant).astype(jnp.float32),
         "count": count,
     }
     return state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, mean: Sequence[float], std: Sequence[float]) -> Metrics:
+def eval_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tta: str = "none",
+    ema: bool = False,
+) -> Metrics:
     """Eval-mode forward of a (possibly padded) batch; ``batch["mask"]`` marks the real examples.
 
-    Returns ``{"loss_sum", "correct", "count"}`` over the real examples (float32 scalars).
+    ``tta`` averages the softmax over test-time views (``transforms.tta_views``) in one forward
+    pass; ``ema`` evaluates the EMA weights. Returns ``{"loss_sum", "correct", "count"}`` over the
+    real examples (float32 scalars); the loss is the NLL of the (averaged) probabilities.
     """
     images = transforms.normalize(batch["image"], mean, std)
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    views = transforms.tta_views(images, tta)
+    v, b = views.shape[:2]
+    logits = state.apply_fn(state.variables(ema), views.reshape(v * b, *views.shape[2:]), train=False)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1)
+    log_probs = jax.nn.logsumexp(log_probs, axis=0) - jnp.log(v)  # log of the mean probability
     mask = batch["mask"].astype(jnp.float32)
-    losses = cross_entropy(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    losses = -jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(log_probs, -1) == batch["label"]).astype(jnp.float32)
     return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
@@ -88,6 +107,8 @@ def make_train_step(
     cutout_size: int = 8,
     label_smoothing: float = 0.0,
     mesh: Mesh | None = None,
+    mix: MixSpec = NO_MIX,
+    ema_decay: float | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns ``train_step`` jitted with these static settings, donating the state.
 
@@ -103,6 +124,8 @@ def make_train_step(
             augment=augment,
             cutout_size=cutout_size,
             label_smoothing=label_smoothing,
+            mix=mix,
+            ema_decay=ema_decay,
         )
 
     if mesh is None:
@@ -112,12 +135,15 @@ def make_train_step(
 
 
 def make_eval_step(
-    mean: Sequence[float], std: Sequence[float], mesh: Mesh | None = None
+    mean: Sequence[float], std: Sequence[float], mesh: Mesh | None = None, tta: str = "none", ema: bool = False
 ) -> Callable[[TrainState, Batch], Metrics]:
-    """Returns ``eval_step`` jitted for this normalization (the state is read, not donated)."""
+    """Returns ``eval_step`` jitted for this normalization, TTA mode and weights (raw or EMA).
+
+    The state is read, not donated (evaluation leaves it as it is).
+    """
 
     def step(state: TrainState, batch: Batch) -> Metrics:
-        return eval_step(state, batch, mean=tuple(mean), std=tuple(std))
+        return eval_step(state, batch, mean=tuple(mean), std=tuple(std), tta=tta, ema=ema)
 
     if mesh is None:
         return jax.jit(step)

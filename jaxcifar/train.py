@@ -7,7 +7,6 @@ import sys
 from collections.abc import Sequence
 
 from jaxcifar import cli
-from jaxcifar.config import Config
 from jaxcifar.errors import JaxcifarError
 from jaxcifar.trainer import fit
 
@@ -31,18 +30,8 @@ def build_parser() -> cli.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (0 ok, 1 user error, 2 bad flags, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config is not None:
-        try:
-            parser.set_defaults(**Config.load(args.config).to_dict())
-        except (OSError, ValueError, TypeError) as e:
-            parser.error(f"--config {args.config}: {e}")
-        args = parser.parse_args(argv)
+    config = cli.parse_config(parser, argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = cli.config_from_args(args)
-    except JaxcifarError as e:
-        parser.error(str(e))
     try:
         fit(config)
     except JaxcifarError as e:

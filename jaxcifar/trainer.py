@@ -27,6 +27,7 @@ from jaxcifar.checkpoint import Checkpointer, check_resumable, has_checkpoint
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, Split, load_dataset
 from jaxcifar.errors import CheckpointError, JaxcifarError
+from jaxcifar.mixing import MixSpec
 from jaxcifar.state import TrainState, create_train_state, param_count
 from jaxcifar.writers import MetricWriter
 
@@ -111,7 +112,7 @@ def _echo(message: str, verbose: bool) -> None:
 
 def _summary_line(record: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}"]
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "ema_val", "ema_test"):
         if f"{split}_loss" in record:
             parts.append(f"{split} loss {record[f'{split}_loss']:.4f} acc {100 * record[f'{split}_acc']:6.2f}%")
     parts.append(f"lr {record['lr']:.3e}")
@@ -124,7 +125,7 @@ def _write_report(config: Config, dataset: Dataset, writer: MetricWriter, verbos
     from jaxcifar.plots import figure_to_array
     from jaxcifar.report import make_report
 
-    report = make_report(config.workdir, dataset=dataset, config=config)
+    report = make_report(config.workdir, dataset=dataset, config=config, tta=config.tta)
     epoch = len(writer.history)
     for name, figure in report.figures.items():
         writer.tb.add_image(f"report/{name}", figure_to_array(figure), epoch, dataformats="HWC")
@@ -135,6 +136,21 @@ def _write_report(config: Config, dataset: Dataset, writer: MetricWriter, verbos
         f"{', '.join(p.name for p in report.paths.values())} in {config.workdir}",
         verbose,
     )
+
+
+def _resolve_auto_lr(config: Config, dataset: Dataset, verbose: bool) -> Config:
+    """Returns ``config`` with ``lr`` set: from the workdir's saved config when resuming, else from
+    the LR range test (``jaxcifar.lr_find``), whose files go to the workdir."""
+    saved = Path(config.workdir) / "config.json"
+    if config.resume and has_checkpoint(config.workdir) and saved.exists():
+        lr = Config.load(saved).lr
+        _echo(f"lr: {lr:.3g} (found by the LR range test when this run started)", verbose)
+        return config.replace(lr=lr)
+    from jaxcifar.lr_find import lr_find
+
+    found = lr_find(config, dataset, out_dir=config.workdir, verbose=verbose)
+    _echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see lr_find.png", verbose)
+    return config.replace(lr=found.suggestion)
 
 
 def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True) -> FitResult:
@@ -178,10 +194,12 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
     )
 
     steps_per_epoch = len(train) // config.batch_size
-    schedule = optim.make_schedule(config, steps_per_epoch)
-    tx = optim.make_optimizer(config, schedule)
+    if config.lr == "auto":
+        config = _resolve_auto_lr(config, dataset, verbose)
+    tx, schedule = optim.make_training_optimizer(config, steps_per_epoch)
     model = build_model(config)
-    state = jax.device_put(create_train_state(model, tx, config.seed), on_all)
+    use_ema = config.ema_decay is not None
+    state = jax.device_put(create_train_state(model, tx, config.seed, ema=use_ema), on_all)
     _echo(
         f"model: {config.model} width {config.width}, {param_count(state.params):,} parameters, {config.dtype}", verbose
     )
@@ -203,10 +221,25 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
         config.save(workdir / "config.json")
     writer = MetricWriter(workdir, history, enabled=is_main)
 
-    train_step = steps.make_train_step(
-        dataset.mean, dataset.std, config.augment, config.cutout_size, config.label_smoothing, mesh=mesh
+    mix = MixSpec(
+        config.mixup_alpha,
+        config.cutmix_alpha,
+        config.mix_prob,
+        (config.epochs - config.mix_off_epoch) * steps_per_epoch,
     )
-    eval_step = steps.make_eval_step(dataset.mean, dataset.std, mesh=mesh)
+    train_step = steps.make_train_step(
+        dataset.mean,
+        dataset.std,
+        config.augment,
+        config.cutout_size,
+        config.label_smoothing,
+        mesh=mesh,
+        mix=mix,
+        ema_decay=config.ema_decay,
+    )
+    eval_steps = {"": steps.make_eval_step(dataset.mean, dataset.std, mesh=mesh, tta=config.tta)}
+    if use_ema:
+        eval_steps["ema_"] = steps.make_eval_step(dataset.mean, dataset.std, mesh=mesh, tta=config.tta, ema=True)
     gather = steps.make_gather_batch(mesh)
     eval_rows = {name: eval_index_rows(len(split), config.eval_batch_size) for name, split in evals.items()}
     shuffle_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xDA7A)
@@ -217,7 +250,7 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
     )
     train_step = train_step.lower(state, example).compile()
     eval_example = gather(evals["test"].images, evals["test"].labels, eval_rows["test"], 0)
-    eval_step = eval_step.lower(state, eval_example).compile()
+    eval_steps = {prefix: fn.lower(state, eval_example).compile() for prefix, fn in eval_steps.items()}
     _echo(f"compile: {time.perf_counter() - t0:.1f}s (train and eval steps, once per run)", verbose)
 
     try:
@@ -253,13 +286,19 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
                 "train_loss": float(host["loss_sum"] / host["count"]),
                 "train_acc": float(host["correct"] / host["count"]),
             }
-            for name, split in evals.items():
-                result = evaluate(state, split, eval_step, config.eval_batch_size, eval_rows[name], gather)
-                record[f"{name}_loss"], record[f"{name}_acc"] = result["loss"], result["acc"]
+            for prefix, eval_step in eval_steps.items():
+                for name, split in evals.items():
+                    result = evaluate(state, split, eval_step, config.eval_batch_size, eval_rows[name], gather)
+                    record[f"{prefix}{name}_loss"], record[f"{prefix}{name}_acc"] = result["loss"], result["acc"]
             record["lr"] = float(schedule(int(state.step) - 1))
             record["seconds"] = time.perf_counter() - start
+            if config.tta != "none":
+                record["tta"] = config.tta
+            if mix.enabled:
+                record["train_acc_of"] = "dominant label"
             writer.write_epoch(record)
-            selection = record["val_acc"] if "val_acc" in record else record["test_acc"]
+            prefix = "ema_" if use_ema else ""
+            selection = record.get(f"{prefix}val_acc", record[f"{prefix}test_acc"])
             is_best = selection > best
             best = max(best, selection)
             meta = {"epoch": epoch, "step": int(state.step), "history": writer.history, "best": best}

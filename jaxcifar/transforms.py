@@ -72,3 +72,25 @@ def augment(rng: jax.Array, images: jax.Array, mode: str, cutout_size: int = 8) 
     if mode == "crop-flip-cutout":
         images = cutout(cutout_key, images, cutout_size)
     return images
+
+
+TTA_MODES = ("none", "flip", "flip-translate")
+
+
+def tta_views(images: jax.Array, mode: str) -> jax.Array:
+    """Test-time views of a batch (B, H, W, C), stacked as (V, B, H, W, C).
+
+    ``none``: the batch (V=1); ``flip``: + the mirror (V=2); ``flip-translate``: + the four 1-pixel
+    translations of the original (zero-filled edge; V=6).
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}; one of {', '.join(TTA_MODES)}")
+    views = [images]
+    if mode in ("flip", "flip-translate"):
+        views.append(images[:, :, ::-1, :])
+    if mode == "flip-translate":
+        padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        h, w = images.shape[1:3]
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+            views.append(padded[:, dy : dy + h, dx : dx + w, :])
+    return jnp.stack(views)

@@ -6,6 +6,10 @@ conv + BN projection shortcut where the shape changes, global average pooling an
 Convolutions carry no bias and use symmetric 1-pixel padding, as PyTorch's ``padding=1`` does, so
 that stride-2 stages see exactly the same windows as the PyTorch reference.
 
+Convolutions go through ``models.conv``: on the CPU backend their weight gradient is computed as a
+matmul (much faster with XLA:CPU), elsewhere they are plain ``lax`` convolutions; ``conv_impl``
+chooses (``"auto"``, ``"lax"``, ``"matmul"``). Parameters are the same whatever the choice.
+
 Each stage output is exposed for explanation methods (GradCAM) without changing the forward pass:
 ``sow('intermediates', 'layerK', ...)`` records the activation when the ``intermediates``
 collection is mutable, and ``perturb('layerK', ...)`` adds a zero in the ``perturbations``
@@ -21,6 +25,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from models.conv import make_conv_general_dilated
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -44,10 +50,16 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=False,
+            dtype=self.dtype,
+            conv_general_dilated=make_conv_general_dilated(self.conv_impl),
+        )
         norm = functools.partial(
             nn.BatchNorm,
             use_running_average=not train,
@@ -69,18 +81,29 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet. ``apply(variables, x, train)`` maps (B, H, W, 3) images to (B, num_classes) logits.
 
-    Logits are float32 whatever the compute ``dtype``; parameters are always float32.
+    Logits are float32 for float32 and bfloat16 compute (float64 for ``dtype=float64``, e.g. to check
+    numerics); parameters are float32 unless given otherwise.
+    ``conv_impl`` selects the convolution implementation (``models.conv``), not the parameters.
     """
 
     stage_sizes: Sequence[int]
     num_classes: int = 10
     width: int = 64
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(self.width, (3, 3), padding=_same_padding(3), use_bias=False, dtype=self.dtype, name="conv1")(x)
+        x = nn.Conv(
+            self.width,
+            (3, 3),
+            padding=_same_padding(3),
+            use_bias=False,
+            dtype=self.dtype,
+            conv_general_dilated=make_conv_general_dilated(self.conv_impl),
+            name="conv1",
+        )(x)
         x = nn.BatchNorm(
             use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype, name="bn1"
         )(x)
@@ -89,12 +112,12 @@ class ResNet(nn.Module):
             features = self.width * 2**stage
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(features, strides, dtype=self.dtype, name=f"{name}_{block}")(x, train)
+                x = BasicBlock(features, strides, self.dtype, self.conv_impl, name=f"{name}_{block}")(x, train)
             x = self.perturb(name, x)
             self.sow("intermediates", name, x)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))

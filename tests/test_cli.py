@@ -50,6 +50,13 @@ def test_defaults_reproduce_the_assignment_run():
         (["--val-fraction", "-0.1"], "--val-fraction must be in [0, 1)"),
         (["--epochs", "three"], "--epochs: invalid int value"),
         (["--num-devices", "-1"], "--num-devices must be >= 0"),
+        (["--ema-decay", "1.0"], "--ema-decay must be in [0, 1)"),
+        (["--mixup-alpha", "-0.2"], "--mixup-alpha must be >= 0"),
+        (["--cutmix-alpha", "-1"], "--cutmix-alpha must be >= 0"),
+        (["--mix-prob", "1.5"], "--mix-prob must be in [0, 1]"),
+        (["--tta", "rotate"], "--tta: invalid choice: 'rotate'"),
+        (["--lr", "fast"], "--lr/--max-lr: invalid value 'fast': a number or auto"),
+        (["--cycle-momentum", "--schedule", "cosine"], "--cycle-momentum needs --schedule onecycle"),
     ],
 )
 def test_bad_flags(argv, expected, capsys, tmp_path):

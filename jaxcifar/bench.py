@@ -1,0 +1,472 @@
+"""``python -m jaxcifar.bench``: speed of the jitted train and eval steps, optionally against PyTorch.
+
+Builds the model and optimizer as training does (``models.get_model``, ``jaxcifar.optim``,
+``jaxcifar.state.create_train_state``), compiles ``jaxcifar.steps.make_train_step`` (on-device
+crop-flip augmentation, normalization, forward, backward, SGD update) and ``make_eval_step``
+ahead of time on one random uint8 batch, runs ``--warmup`` steps, then times ``--steps`` steps one
+by one (each waits for its result). It reports per step the median wall time, images/s, the CPU
+time of this process (stable when other programs share the machine; about cores x wall time when
+they don't), the compile time and the achieved GFLOP/s.
+
+FLOPs are counted analytically, not measured: 2 per multiply-add of every convolution and dense
+layer (BatchNorm, activations and the optimizer, under 1% together, are left out). Forward = the
+eval step; train step = 3 x forward (forward, input gradient, weight gradient) minus the first
+layer's input gradient, which is not computed.
+
+``--compare-torch`` times a PyTorch eager model of the same architecture (kuangliu/pytorch-cifar
+ResNet, same widths, batch, dtype via CPU autocast, same thread count) on the same images in this
+process, in both memory formats (the faster one is reported), and prints the ratio. PyTorch is
+optional and imported only then.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import models
+from jaxcifar import cli, optim, steps
+from jaxcifar.config import DTYPES, Config
+from jaxcifar.data import NORMALIZATION
+from jaxcifar.state import create_train_state
+from models.conv import CONV_IMPLS, describe_impl
+
+PROG = "python -m jaxcifar.bench"
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+FLOPS_METHOD = (
+    "analytic: 2 x multiply-adds of convolutions and dense layers; train = 3 x forward - first layer's input gradient"
+)
+
+
+def count_flops(model: nn.Module, batch_size: int, image_shape: Sequence[int] = IMAGE_SHAPE) -> tuple[int, int]:
+    """Returns (eval FLOPs, train FLOPs) of one batch through ``model`` (see the module docstring)."""
+    layers: list[int] = []
+
+    def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, nn.Conv | nn.Dense):
+            in_features = args[0].shape[-1]
+            if isinstance(module, nn.Conv):
+                in_features = math.prod(module.kernel_size) * in_features // module.feature_group_count
+            layers.append(2 * math.prod(out.shape[:-1]) * in_features * module.features)
+        return out
+
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+    batch = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda v, b: model.apply(v, b, train=False), variables, batch)
+    forward = sum(layers)
+    return forward, 3 * forward - (layers[0] if layers else 0)
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def time_steps(run: Callable[[], Any], steps_: int, warmup: int) -> dict[str, float]:
+    """Runs ``run`` (which must wait for its result) ``warmup`` times, then times it ``steps_`` times.
+
+    Returns ``{"ms_per_step": median wall ms, "min_ms": fastest wall ms, "cpu_ms_per_step": median
+    process CPU ms}``.
+    """
+    for _ in range(warmup):
+        run()
+    wall, cpu = [], []
+    for _ in range(steps_):
+        t0, c0 = time.perf_counter(), time.process_time()
+        run()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {
+        "ms_per_step": 1e3 * statistics.median(wall),
+        "min_ms": 1e3 * min(wall),
+        "cpu_ms_per_step": 1e3 * statistics.median(cpu),
+    }
+
+
+def _summary(timing: dict[str, float], batch_size: int, flops: int, compile_s: float | None) -> dict[str, float]:
+    seconds = timing["ms_per_step"] / 1e3
+    out = {
+        "images_per_s": batch_size / seconds,
+        "ms_per_step": timing["ms_per_step"],
+        "compile_s": compile_s,
+        "gflops_per_s": flops / seconds / 1e9,
+        "min_ms": timing["min_ms"],
+        "cpu_ms_per_step": timing["cpu_ms_per_step"],
+    }
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def random_batch(batch_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Returns uint8 images (B, 32, 32, 3) and int32 labels (B,) drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch_size, *IMAGE_SHAPE), dtype=np.uint8)
+    return images, rng.integers(0, NUM_CLASSES, batch_size, dtype=np.int32)
+
+
+def bench_jax(
+    model_name: str,
+    width: int,
+    batch_size: int,
+    dtype: str,
+    conv_impl: str,
+    steps_: int,
+    warmup: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+) -> dict[str, Any]:
+    """Compiles and times the train and eval steps. Returns ``{"train": {...}, "eval": {...}}``.
+
+    Each part holds ``images_per_s``, ``ms_per_step`` (median), ``compile_s``, ``gflops_per_s``,
+    ``min_ms`` and ``cpu_ms_per_step``.
+    """
+    config = Config(model=model_name, width=width, dtype=dtype, batch_size=batch_size)
+    compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    model = models.get_model(model_name, num_classes=NUM_CLASSES, width=width, dtype=compute_dtype, conv_impl=conv_impl)
+    tx = optim.make_optimizer(config, optax.constant_schedule(0.01))
+    state = create_train_state(model, tx, seed=0)
+    mean, std = NORMALIZATION["cifar10"]
+    batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+    eval_batch = {**batch, "mask": jax.device_put(np.ones(batch_size, bool))}
+    eval_flops, train_flops = count_flops(model, batch_size)
+
+    t0 = time.perf_counter()
+    train_step = steps.make_train_step(mean, std, config.augment, config.cutout_size).lower(state, batch).compile()
+    train_compile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eval_step = steps.make_eval_step(mean, std).lower(state, eval_batch).compile()
+    eval_compile = time.perf_counter() - t0
+
+    def run_train() -> None:
+        nonlocal state
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready((state, metrics))
+
+    def run_eval() -> None:
+        jax.block_until_ready(eval_step(state, eval_batch))
+
+    train = time_steps(run_train, steps_, warmup)
+    evaluation = time_steps(run_eval, steps_, warmup)
+    return {
+        "train": _summary(train, batch_size, train_flops, round(train_compile, 2)),
+        "eval": _summary(evaluation, batch_size, eval_flops, round(eval_compile, 2)),
+        "flops_per_step": {"train": train_flops, "eval": eval_flops},
+    }
+
+
+def _torch_resnet(torch: Any, stage_sizes: Sequence[int], width: int, num_classes: int) -> Any:
+    """Returns kuangliu/pytorch-cifar's ResNet (BasicBlock) with these stages and base width."""
+    nn_t, functional = torch.nn, torch.nn.functional
+
+    class BasicBlock(nn_t.Module):
+        def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn_t.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn_t.BatchNorm2d(planes)
+            self.conv2 = nn_t.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn_t.BatchNorm2d(planes)
+            self.shortcut = nn_t.Sequential()
+            if stride != 1 or in_planes != planes:
+                self.shortcut = nn_t.Sequential(
+                    nn_t.Conv2d(in_planes, planes, 1, stride, bias=False), nn_t.BatchNorm2d(planes)
+                )
+
+        def forward(self, x: Any) -> Any:
+            out = functional.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return functional.relu(out + self.shortcut(x))
+
+    class ResNet(nn_t.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn_t.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.bn1 = nn_t.BatchNorm2d(width)
+            in_planes, layers = width, []
+            for stage, blocks in enumerate(stage_sizes):
+                planes = width * 2**stage
+                stage_layers = []
+                for block in range(blocks):
+                    stride = 2 if stage > 0 and block == 0 else 1
+                    stage_layers.append(BasicBlock(in_planes, planes, stride))
+                    in_planes = planes
+                layers.append(nn_t.Sequential(*stage_layers))
+            self.layer1, self.layer2, self.layer3, self.layer4 = layers
+            self.linear = nn_t.Linear(in_planes, num_classes)
+
+        def forward(self, x: Any) -> Any:
+            out = functional.relu(self.bn1(self.conv1(x)))
+            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+            return self.linear(torch.flatten(functional.adaptive_avg_pool2d(out, 1), 1))
+
+    return ResNet()
+
+
+def bench_torch(
+    model_name: str,
+    width: int,
+    batch_size: int,
+    dtype: str,
+    steps_: int,
+    warmup: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    threads: int,
+) -> dict[str, Any]:
+    """Times a PyTorch eager train step (SGD, Nesterov, weight decay) and eval forward on ``images``.
+
+    Both memory formats are timed; returns the faster one's ``{"train", "eval", "memory_format",
+    "threads", "version", "other_format": {"train_images_per_s", "eval_images_per_s"}}``.
+    """
+    import torch  # optional dependency: only here
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in NORMALIZATION["cifar10"])
+    x_nchw = torch.from_numpy((images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - mean) / std)
+    y = torch.from_numpy(labels.astype(np.int64))
+    stage_sizes = models.get_model(model_name).stage_sizes
+    eval_flops, train_flops = count_flops(models.get_model(model_name, width=width), batch_size)
+    config = Config()
+    autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    results = {}
+    for memory_format in ("channels_last", "contiguous"):
+        fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        model = _torch_resnet(torch, stage_sizes, width, NUM_CLASSES).to(memory_format=fmt)
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=0.01,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+        x = x_nchw.contiguous(memory_format=fmt)
+
+        def run_train(model: Any = model, opt: Any = opt, x: Any = x) -> None:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+
+        def run_eval(model: Any = model, x: Any = x) -> None:
+            model.eval()
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
+            ):
+                model(x)
+
+        results[memory_format] = {
+            "train": _summary(time_steps(run_train, steps_, warmup), batch_size, train_flops, None),
+            "eval": _summary(time_steps(run_eval, steps_, warmup), batch_size, eval_flops, None),
+        }
+    best = max(results, key=lambda k: results[k]["train"]["images_per_s"])
+    other = next(k for k in results if k != best)
+    return {
+        **results[best],
+        "memory_format": best,
+        "threads": threads,
+        "version": torch.__version__,
+        "other_format": {
+            "memory_format": other,
+            "train_images_per_s": results[other]["train"]["images_per_s"],
+            "eval_images_per_s": results[other]["eval"]["images_per_s"],
+        },
+    }
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Returns the human-readable report of a ``run`` result (a few lines, fixed-width table)."""
+    lines = [
+        f"device: {result['device_count']} x {result['device']} ({result['threads']} threads), "
+        f"{result['model']} width {result['width']}, batch {result['batch_size']}, {result['dtype']}, "
+        f"conv {result['conv_impl']}",
+        f"load average: {result['load_average']['before']} before, {result['load_average']['after']} after "
+        "(other programs on the machine slow the wall times; CPU ms is less affected)",
+        f"FLOPs per step ({FLOPS_METHOD}): train {result['flops_per_step']['train'] / 1e9:.1f} G, "
+        f"eval {result['flops_per_step']['eval'] / 1e9:.1f} G",
+        f"{'':14}{'images/s':>10}{'ms/step':>10}{'min ms':>10}{'CPU ms':>10}{'compile s':>11}{'GFLOP/s':>9}",
+    ]
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+        return (
+            f"{name:14}{r['images_per_s']:10.1f}{r['ms_per_step']:10.0f}{r['min_ms']:10.0f}"
+            f"{r['cpu_ms_per_step']:10.0f}{compile_s:>11}{r['gflops_per_s']:9.1f}"
+        )
+
+    lines += [row("jax train", result["train"]), row("jax eval", result["eval"])]
+    torch_result = result.get("torch")
+    if torch_result:
+        lines += [row("torch train", torch_result["train"]), row("torch eval", torch_result["eval"])]
+        other = torch_result["other_format"]
+        lines.append(
+            f"torch {torch_result['version']} eager, {torch_result['memory_format']} (faster than "
+            f"{other['memory_format']}: {other['train_images_per_s']:.1f} train, {other['eval_images_per_s']:.1f} "
+            f"eval images/s), {torch_result['threads']} threads"
+        )
+        ratio = result["ratio_vs_torch"]
+        lines.append(f"jax / torch images/s: train {ratio['train']:.2f}x, eval {ratio['eval']:.2f}x")
+    return "\n".join(lines)
+
+
+def run(
+    model: str = "resnet18",
+    width: int = 64,
+    batch_size: int = 128,
+    dtype: str = "float32",
+    conv_impl: str = "auto",
+    steps_: int = 5,
+    warmup: int = 1,
+    compare_torch: bool = False,
+) -> dict[str, Any]:
+    """Runs the benchmark and returns its result dict (the ``--json`` line).
+
+    Keys: ``train``/``eval`` (each ``images_per_s``, ``ms_per_step``, ``compile_s``, ``gflops_per_s``,
+    ``min_ms``, ``cpu_ms_per_step``), ``device``, ``device_count``, ``batch_size``, ``model``, ``width``,
+    ``dtype``, ``conv_impl``, ``threads``, ``flops_per_step``, ``flops_method``, ``load_average``, and
+    with ``compare_torch`` also ``torch`` and ``ratio_vs_torch``.
+    """
+    images, labels = random_batch(batch_size)
+    load_before = _load_average()
+    result: dict[str, Any] = {
+        "device": jax.devices()[0].platform,
+        "device_count": 1,
+        "batch_size": batch_size,
+        "model": model,
+        "width": width,
+        "dtype": dtype,
+        "conv_impl": describe_impl(conv_impl),
+        "threads": _threads(),
+        "flops_method": FLOPS_METHOD,
+    }
+    result.update(bench_jax(model, width, batch_size, dtype, conv_impl, steps_, warmup, images, labels))
+    if compare_torch:
+        result["torch"] = bench_torch(
+            model, width, batch_size, dtype, steps_, warmup, images, labels, threads=result["threads"]
+        )
+        result["ratio_vs_torch"] = {
+            part: round(result[part]["images_per_s"] / result["torch"][part]["images_per_s"], 3)
+            for part in ("train", "eval")
+        }
+    result["load_average"] = {"before": load_before, "after": _load_average()}
+    return result
+
+
+def build_parser() -> cli.ArgumentParser:
+    """Returns the parser of ``python -m jaxcifar.bench``."""
+    parser = cli.ArgumentParser(
+        prog=PROG,
+        description="Time the jitted train and eval steps (images/s, ms/step, compile s, GFLOP/s) on one "
+        "random batch, optionally against a PyTorch eager model of the same architecture.",
+    )
+    parser.add_argument(
+        "--model", default="resnet18", choices=models.available_models(), help="Model. (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=64, metavar="INT", help="Base channel count of the ResNet. (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        metavar="INT",
+        help="Images per train and eval step. (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="Compute dtype; params stay float32 (PyTorch: CPU autocast). (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--conv",
+        default="auto",
+        choices=CONV_IMPLS,
+        help="Convolution implementation (models.conv): lax = XLA's convolution and autodiff gradients; "
+        "matmul = XLA's forward and input gradient, weight gradient as blocked im2col matmuls; auto = matmul "
+        "for the 1x1 and large 3x3 convolutions on one CPU device, else lax. (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=5, metavar="INT", help="Timed steps of each kind. (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        metavar="INT",
+        help="Untimed steps after compiling, before timing. (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compare-torch",
+        action="store_true",
+        help="Also time a PyTorch eager model of the same architecture on the same batch (needs torch).",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="End the output with the result as one JSON line (the last line)."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit code (0 ok; bad flags exit 2, a missing torch exits 1)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    minimums = {"--width": (args.width, 1), "--batch-size": (args.batch_size, 1), "--steps": (args.steps, 1)}
+    minimums["--warmup"] = (args.warmup, 0)
+    for flag, (value, low) in minimums.items():
+        if value < low:
+            parser.error(f"argument {flag}: must be >= {low}, got {value}")
+    if args.compare_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            cli.fail(PROG, "--compare-torch needs PyTorch: pip install torch")
+    try:
+        describe_impl(args.conv)
+    except ValueError as e:  # a bad $JAXCIFAR_CONV_IMPL
+        cli.fail(PROG, str(e))
+    result = run(
+        model=args.model,
+        width=args.width,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        conv_impl=args.conv,
+        steps_=args.steps,
+        warmup=args.warmup,
+        compare_torch=args.compare_torch,
+    )
+    print(format_table(result), flush=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

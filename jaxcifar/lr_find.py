@@ -1,0 +1,181 @@
+"""Leslie Smith's LR range test, as fastai's ``lr_find``: ``python -m jaxcifar.lr_find``.
+
+The learning rate grows exponentially from ``--lr-find-start`` to ``--lr-find-end`` over
+``--lr-find-steps`` training steps (the run's model, optimizer, augmentation and data), recording
+the loss smoothed as fastai does (exponential moving average, beta 0.98, debiased). It stops early
+once the smoothed loss exceeds 4x its best. The suggestion for onecycle's max LR is fastai's
+"valley" rule (see ``valley``), fastai's default since v2.5; the steepest-descent LR is reported
+too. The model and optimizer state are thrown away: a real run starts fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+from jaxcifar import cli, optim, parallel, steps
+from jaxcifar.checkpoint import write_json
+from jaxcifar.config import Config
+from jaxcifar.data import Dataset, load_dataset
+from jaxcifar.errors import JaxcifarError
+from jaxcifar.mixing import MixSpec
+from jaxcifar.state import create_train_state
+
+SMOOTHING = 0.98
+DIVERGENCE = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LRFindResult:
+    """LRs and losses per step (float arrays (T,)), the suggestion and how it was chosen."""
+
+    lrs: np.ndarray
+    losses: np.ndarray
+    smoothed: np.ndarray
+    suggestion: float
+    rule: str
+    steepest: float
+    stopped_early: bool
+
+    def to_dict(self) -> dict:
+        """Returns a JSON-serializable dict (what ``lr_find.json`` holds)."""
+        return {
+            "suggestion": self.suggestion,
+            "rule": self.rule,
+            "steepest": self.steepest,
+            "stopped_early": self.stopped_early,
+            "steps": len(self.lrs),
+            "lrs": self.lrs.tolist(),
+            "losses": self.losses.tolist(),
+            "smoothed": self.smoothed.tolist(),
+        }
+
+
+def valley(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """fastai's "valley" rule: an LR about half-way into the longest decreasing stretch of the loss.
+
+    Finds the longest (not necessarily contiguous) decreasing subsequence of ``losses``, splits its
+    span into thirds and returns the LR at ``start + third + third / 2`` (fastai.callback.schedule).
+    """
+    n = len(losses)
+    longest = [1] * n
+    max_start = max_end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+            if longest[max_end] < longest[i]:
+                max_end, max_start = i, i - longest[i]
+    third = (max_end - max_start) / 3
+    return float(lrs[max_start + int(third) + int(third / 2)])
+
+
+def steepest(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """The LR where the smoothed loss falls fastest against log(LR) (fastai's "steep")."""
+    return float(lrs[int(np.argmin(np.gradient(losses, np.log(lrs))))])
+
+
+def lr_find(
+    config: Config, dataset: Dataset | None = None, *, out_dir: str | Path | None = None, verbose: bool = True
+) -> LRFindResult:
+    """Runs the range test for ``config`` and returns the result; with ``out_dir`` also writes
+    ``lr_find.json`` and ``lr_find.png`` there."""
+    from jaxcifar.trainer import DeviceSplit, build_model, shuffled_index_rows
+
+    dataset = dataset or load_dataset(config)
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_divisible(config.batch_size, mesh, "--batch-size")
+    on_all = parallel.replicated(mesh)
+    train = DeviceSplit.put(dataset.train, on_all)
+    n_steps, start, end = config.lr_find_steps, config.lr_find_start, config.lr_find_end
+    schedule = optax.exponential_decay(start, transition_steps=n_steps - 1, decay_rate=end / start)
+    tx = optim.make_optimizer(config, schedule)
+    state = jax.device_put(create_train_state(build_model(config), tx, config.seed), on_all)
+    mix = MixSpec(config.mixup_alpha, config.cutmix_alpha, config.mix_prob)
+    train_step = steps.make_train_step(
+        dataset.mean, dataset.std, config.augment, config.cutout_size, config.label_smoothing, mesh=mesh, mix=mix
+    )
+    gather = steps.make_gather_batch(mesh)
+    steps_per_epoch = len(train) // config.batch_size
+    shuffle_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1F)
+
+    lrs, losses, smoothed = [], [], []
+    average, best, stopped = 0.0, np.inf, False
+    rows = None
+    for i in range(n_steps):
+        if i % steps_per_epoch == 0:
+            epoch_key = jax.random.fold_in(shuffle_key, i // steps_per_epoch)
+            rows = shuffled_index_rows(epoch_key, len(train), steps_per_epoch, config.batch_size)
+        state, metrics = train_step(state, gather(train.images, train.labels, rows, i % steps_per_epoch))
+        loss = float(metrics["loss_sum"] / metrics["count"])
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        debiased = average / (1 - SMOOTHING ** (i + 1))
+        lrs.append(float(schedule(i)))
+        losses.append(loss)
+        smoothed.append(debiased)
+        best = min(best, debiased)
+        if not np.isfinite(debiased) or debiased > DIVERGENCE * best:
+            stopped = True
+            break
+    lr_arr, smooth_arr = np.asarray(lrs), np.asarray(smoothed)
+    finite = np.isfinite(smooth_arr)
+    lr_ok, smooth_ok = lr_arr[finite], smooth_arr[finite]
+    if len(lr_ok) < 5:
+        raise JaxcifarError(f"LR range test diverged after {len(lr_ok)} steps; lower --lr-find-start ({start:g})")
+    result = LRFindResult(
+        lrs=lr_arr,
+        losses=np.asarray(losses),
+        smoothed=smooth_arr,
+        suggestion=valley(lr_ok, smooth_ok),
+        rule="valley",
+        steepest=steepest(lr_ok, smooth_ok),
+        stopped_early=stopped,
+    )
+    if out_dir is not None:
+        from jaxcifar.plots import plot_lr_find
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "lr_find.json", result.to_dict())
+        plot_lr_find(result.lrs, result.smoothed, result.suggestion, result.steepest, path=out / "lr_find.png")
+    return result
+
+
+def build_parser() -> cli.ArgumentParser:
+    """Returns the parser of ``python -m jaxcifar.lr_find`` (the training flags; ``--workdir`` gets the files)."""
+    parser = cli.ArgumentParser(
+        prog="python -m jaxcifar.lr_find",
+        description="LR range test (Leslie Smith / fastai lr_find) for a training configuration; writes "
+        "lr_find.png and lr_find.json into --workdir and prints the suggested onecycle max LR.",
+    )
+    parser.add_argument("--config", metavar="JSON", help="Start from this config file; flags override it.")
+    cli.add_config_flags(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the range test CLI; returns 0, or exits 1/2 with one error line."""
+    parser = build_parser()
+    config = cli.parse_config(parser, argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = lr_find(config.replace(lr=0.1 if config.lr == "auto" else config.lr), out_dir=config.workdir)
+    except JaxcifarError as e:
+        cli.fail(parser.prog, str(e))
+    note = " (stopped early: the loss diverged)" if result.stopped_early else ""
+    print(f"ran {len(result.lrs)} steps from {config.lr_find_start:g} to {result.lrs[-1]:.3g}{note}")
+    print(f"suggested max LR for onecycle: {result.suggestion:.3g} ({result.rule} rule)")
+    print(f"steepest descent at LR {result.steepest:.3g}")
+    print(f"wrote {Path(config.workdir) / 'lr_find.png'} and lr_find.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
