@@ -19,7 +19,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
-    """Adds one flag per Config field (help, default and choices from the field's metadata)."""
+    """Adds ``--config JSON`` and one flag per Config field (help, default and choices from the
+    field's metadata); ``parse_config`` reads them."""
+    parser.add_argument(
+        "--config",
+        metavar="JSON",
+        help="Start from this config file (e.g. experiments/cpu_quick/config.json or a run's config.json); "
+        "flags given on the command line override its values.",
+    )
     for f in dataclasses.fields(Config):
         if f.name in exclude:
             continue

@@ -155,7 +155,6 @@ def build_parser() -> cli.ArgumentParser:
         description="LR range test (Leslie Smith / fastai lr_find) for a training configuration; writes "
         "lr_find.png and lr_find.json into --workdir and prints the suggested onecycle max LR.",
     )
-    parser.add_argument("--config", metavar="JSON", help="Start from this config file; flags override it.")
     cli.add_config_flags(parser)
     return parser
 

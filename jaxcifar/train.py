@@ -17,12 +17,6 @@ def build_parser() -> cli.ArgumentParser:
         prog="python -m jaxcifar.train",
         description="Train a CIFAR ResNet with JAX/Flax. Defaults: ResNet18, 20 epochs, SGD + OneCycle.",
     )
-    parser.add_argument(
-        "--config",
-        metavar="JSON",
-        help="Start from this config file (e.g. experiments/cpu_quick/config.json or a run's config.json); "
-        "flags given on the command line override its values.",
-    )
     cli.add_config_flags(parser)
     return parser
 
