@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcifar import transforms
+from models.conv import compiler_options
 
 
-@functools.partial(jax.jit, static_argnames=("model", "mean", "std", "tta"))
 def _predict_batch(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -33,6 +33,12 @@ def _predict_batch(
     logits = model.apply(variables, views.reshape(v * b, *views.shape[2:]), train=False)
     probs = jax.nn.softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1).mean(axis=0)
     return probs, jnp.argmax(probs, axis=-1).astype(jnp.int32)
+
+
+@functools.cache
+def _jitted_predict_batch() -> Any:
+    """``_predict_batch`` jitted with the backend's compiler options (built on first use, not at import)."""
+    return jax.jit(_predict_batch, static_argnames=("model", "mean", "std", "tta"), compiler_options=compiler_options())
 
 
 def predict(
@@ -60,7 +66,8 @@ def predict(
     padded = np.concatenate([images, padding])
     stats = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     outputs = [
-        _predict_batch(model, variables, padded[i : i + batch], *stats, tta) for i in range(0, len(padded), batch)
+        _jitted_predict_batch()(model, variables, padded[i : i + batch], *stats, tta)
+        for i in range(0, len(padded), batch)
     ]
     probs = np.concatenate([np.asarray(p) for p, _ in outputs])[:n]
     preds = np.concatenate([np.asarray(p) for _, p in outputs])[:n]

@@ -41,7 +41,7 @@ from jaxcifar import cli, optim, steps
 from jaxcifar.config import DTYPES, Config
 from jaxcifar.data import NORMALIZATION
 from jaxcifar.state import create_train_state
-from models.conv import CONV_IMPLS, describe_impl
+from models.conv import CONV_IMPLS, compiler_options, describe_impl
 
 PROG = "python -m jaxcifar.bench"
 IMAGE_SHAPE = (32, 32, 3)
@@ -307,6 +307,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"device: {result['device_count']} x {result['device']} ({result['threads']} threads), "
         f"{result['model']} width {result['width']}, batch {result['batch_size']}, {result['dtype']}, "
         f"conv {result['conv_impl']}",
+        "XLA compiler options: "
+        + (", ".join(f"{k}={v}" for k, v in result["xla_options"].items()) or "XLA's defaults"),
         f"load average: {result['load_average']['before']} before, {result['load_average']['after']} after "
         "(other programs on the machine slow the wall times; CPU ms is less affected)",
         f"FLOPs per step ({FLOPS_METHOD}): train {result['flops_per_step']['train'] / 1e9:.1f} G, "
@@ -350,7 +352,7 @@ def run(
 
     Keys: ``train``/``eval`` (each ``images_per_s``, ``ms_per_step``, ``compile_s``, ``gflops_per_s``,
     ``min_ms``, ``cpu_ms_per_step``), ``device``, ``device_count``, ``batch_size``, ``model``, ``width``,
-    ``dtype``, ``conv_impl``, ``threads``, ``flops_per_step``, ``flops_method``, ``load_average``, and
+    ``dtype``, ``conv_impl``, ``xla_options``, ``threads``, ``flops_per_step``, ``flops_method``, ``load_average``, and
     with ``compare_torch`` also ``torch`` and ``ratio_vs_torch``.
     """
     images, labels = random_batch(batch_size)
@@ -363,6 +365,7 @@ def run(
         "width": width,
         "dtype": dtype,
         "conv_impl": describe_impl(conv_impl),
+        "xla_options": compiler_options(),
         "threads": _threads(),
         "flops_method": FLOPS_METHOD,
     }

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from jaxcifar import parallel, transforms
 from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
 from jaxcifar.state import TrainState
+from models.conv import compiler_options
 
 Batch = dict[str, jax.Array]  # {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,)]}
 Metrics = dict[str, jax.Array]
@@ -128,10 +129,11 @@ def make_train_step(
             ema_decay=ema_decay,
         )
 
+    options = compiler_options()
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(step, donate_argnums=0, compiler_options=options)
     rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(step, donate_argnums=0, in_shardings=(rep, data), out_shardings=(rep, rep))
+    return jax.jit(step, donate_argnums=0, in_shardings=(rep, data), out_shardings=(rep, rep), compiler_options=options)
 
 
 def make_eval_step(
@@ -145,10 +147,11 @@ def make_eval_step(
     def step(state: TrainState, batch: Batch) -> Metrics:
         return eval_step(state, batch, mean=tuple(mean), std=tuple(std), tta=tta, ema=ema)
 
+    options = compiler_options()
     if mesh is None:
-        return jax.jit(step)
+        return jax.jit(step, compiler_options=options)
     rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(rep, data), out_shardings=rep)
+    return jax.jit(step, in_shardings=(rep, data), out_shardings=rep, compiler_options=options)
 
 
 def take_batch(images: jax.Array, labels: jax.Array, index_rows: jax.Array, row: jax.Array) -> Batch:

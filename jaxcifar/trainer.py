@@ -280,6 +280,7 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
                 bar.update(1)
             bar.close()
             host = jax.device_get(sums)
+            train_done = time.perf_counter()
             record: dict[str, Any] = {
                 "epoch": epoch,
                 "step": int(state.step),
@@ -291,6 +292,8 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
                     result = evaluate(state, split, eval_step, config.eval_batch_size, eval_rows[name], gather)
                     record[f"{prefix}{name}_loss"], record[f"{prefix}{name}_acc"] = result["loss"], result["acc"]
             record["lr"] = float(schedule(int(state.step) - 1))
+            record["train_seconds"] = train_done - start
+            record["eval_seconds"] = time.perf_counter() - train_done
             record["seconds"] = time.perf_counter() - start
             if config.tta != "none":
                 record["tta"] = config.tta

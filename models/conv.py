@@ -1,27 +1,32 @@
-"""2-D convolution with a matmul weight gradient, for XLA on CPU.
+"""2-D convolution with faster gradients for XLA on CPU, and the CPU compiler options.
 
-XLA's CPU backend computes a convolution's forward pass and input gradient close to the machine's
-peak, but its weight gradient (a convolution over the batch, with the activations transposed to
-channel-major first) runs at a fraction of it and dominates a ResNet train step. ``conv`` keeps
-XLA's forward convolution and input gradient and computes the weight gradient as a matmul instead:
-``dW[i, j] = sum over (b, h, w) of patch(x)[b, h, w, (i, j, c)] * g[b, h, w, o]``, the patches
-taken (im2col) a few images at a time inside a loop, so that each patch block stays in the CPU
-cache, and accumulated in float32. (With several devices, whose batch may be sharded, it is one
-matmul over the whole batch instead.)
+A ResNet train step on CPU is nearly all convolutions: forward, input gradient and weight gradient.
+With jaxlib 0.10 on a 2-core CPU three things were measured slower than they need to be:
+
+1. XLA hands convolutions to YNNPACK, which runs those with 64 channels on one thread.
+   ``compiler_options()`` gives convolutions to XLA's Eigen kernels instead (pass it to ``jax.jit``).
+2. XLA's weight gradient (a convolution over the batch) is slow for many shapes. ``conv`` can
+   compute it as a matmul instead: ``dW[i, j] = sum over (b, h, w) of patch(x)[b, h, w, (i, j, c)]
+   * g[b, h, w, o]``, the patches taken (im2col) a few images at a time inside a loop, so that each
+   patch block stays in the CPU cache, accumulated in float32. (With several devices, whose batch
+   may be sharded, it is one matmul over the whole batch.)
+3. XLA's input gradient of a strided convolution convolves a zero-dilated ``g`` (2-4x slower).
+   ``input_grad`` splits it into stride-1 convolutions, one per residue class (polyphase).
 
 ``conv_general_dilated`` has ``jax.lax.conv_general_dilated``'s signature, so it can be handed to
 ``flax.linen.Conv(conv_general_dilated=...)``: the module's parameters (name ``kernel``, HWIO
 shape, initializer) do not change. Which implementation runs is chosen when the model is traced:
 
 - ``"lax"``: ``lax.conv_general_dilated`` and its autodiff gradients (XLA's own).
-- ``"matmul"``: the custom VJP above (NHWC/HWIO, no dilation, no feature groups; anything else
-  falls back to ``"lax"``).
-- ``"auto"`` (default): on a single CPU device, ``"matmul"`` for the convolutions where it was
-  measured faster (1x1 kernels; larger kernels from ``AUTO_MIN_FLOPS`` per call) and ``"lax"`` for
-  the small ones; ``"lax"`` on GPU, TPU and several CPU devices.
+- ``"matmul"``: the custom VJP (NHWC/HWIO, no dilation, no feature groups; anything else falls back
+  to ``"lax"``) with the matmul weight gradient and the polyphase input gradient.
+- ``"auto"`` (default): on a single CPU device, the custom VJP where it was measured faster, per
+  convolution (``_custom_gradients_pay``): 1x1 kernels, and from ``AUTO_MIN_FLOPS`` on strided and
+  mid-size (9x9 to 16x16 outputs) 3x3 ones; XLA's own gradients for the rest, and ``"lax"`` on GPU,
+  TPU and several CPU devices.
   The environment variable ``JAXCIFAR_CONV_IMPL`` (``lax`` or ``matmul``) overrides ``"auto"``.
 
-The matmul path defines a VJP only: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``)
+The custom VJP defines a VJP only: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``)
 of a model using it raises an error; build the model with ``conv_impl="lax"`` for that.
 """
 
@@ -39,6 +44,7 @@ from jax import lax
 
 CONV_IMPLS = ("auto", "lax", "matmul")
 ENV_VAR = "JAXCIFAR_CONV_IMPL"
+XLA_CPU_CONV_ENV_VAR = "JAXCIFAR_XLA_CPU_CONV"
 
 # Patch block size of the weight gradient: images per loop iteration are chosen so that one block
 # of patches, (images x Ho x Wo) rows of (kh x kw x C_in) values, holds about this many bytes.
@@ -82,12 +88,35 @@ def resolve_impl(impl: str = "auto") -> str:
 
 
 def describe_impl(impl: str = "auto") -> str:
-    """Returns what ``impl`` runs here, e.g. ``"lax"``, ``"matmul"`` or ``"auto: matmul for 1x1 and large ..."``."""
+    """Returns what ``impl`` runs here, e.g. ``"lax"``, ``"matmul"`` or ``"auto: matmul weight gradient for ..."``."""
     if _explicit(impl) is not None:
         return resolve_impl(impl)
     if resolve_impl(impl) == "lax":
         return "auto: lax"
-    return "auto: matmul weight gradient for 1x1 and large 3x3 convolutions, lax for small ones"
+    return (
+        "auto: matmul weight gradient for 1x1, strided and mid-size (9x9-16x16) 3x3 convolutions, "
+        "polyphase input gradient for strided ones, lax for the rest"
+    )
+
+
+def compiler_options() -> dict[str, str]:
+    """Returns the XLA compiler options for functions that run a model here: ``{}`` off CPU.
+
+    On CPU, XLA (jaxlib 0.10) hands convolutions to YNNPACK by default, which runs the ones with 64
+    input or output channels on a single thread: measured on 2 cores, a 3x3 64->64 convolution at
+    32x32, batch 128, takes 138 ms there and 64 ms (2 threads) in XLA's Eigen kernels; the stride-2
+    64->128 one 71 vs 27 ms; the larger ones are within 5-10 %. These options keep YNNPACK for dots
+    and reductions and give convolutions to Eigen. ``$JAXCIFAR_XLA_CPU_CONV=ynnpack`` restores XLA's
+    default (for comparison).
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    choice = os.environ.get(XLA_CPU_CONV_ENV_VAR, "eigen").strip().lower() or "eigen"
+    if choice not in ("eigen", "ynnpack"):
+        raise ValueError(f"${XLA_CPU_CONV_ENV_VAR}={choice!r}; expected eigen or ynnpack")
+    if choice == "ynnpack":
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding) -> jax.Array:
@@ -114,13 +143,62 @@ def _conv_fwd(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], padding
 
 def _conv_bwd(strides: tuple[int, ...], padding: tuple, residuals: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x_: _lax_conv(x_, kernel, strides, padding), x)
-    (dx,) = input_vjp(g)
+    dx = input_grad(kernel, g, x.shape, strides, padding)
     dw = weight_grad(x, g, kernel.shape[:2], strides, padding)
     return dx, dw.astype(kernel.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _polyphase_applies(x_shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether ``input_grad`` splits this strided convolution's input gradient into stride-1 ones."""
+    return any(s > 1 for s in strides) and all(n % s == 0 for n, s in zip(x_shape[1:3], strides, strict=True))
+
+
+def input_grad(
+    kernel: jax.Array, g: jax.Array, x_shape: Sequence[int], strides: Sequence[int], padding: Padding
+) -> jax.Array:
+    """Returns dL/dx of ``conv(x, kernel, strides, padding)`` given ``g`` = dL/doutput, shape ``x_shape``.
+
+    Stride 1: XLA's own input gradient. Stride s > 1 with input sides divisible by s (the ResNet's
+    downsampling convolutions): polyphase. Input pixel ``s * m + r`` only receives contributions from
+    the kernel taps ``i`` with ``(r + pad - i) % s == 0``, from output ``m + (r + pad - i) // s``, so
+    each of the s x s residue classes is a small stride-1 convolution of ``g`` (with the flipped,
+    transposed sub-kernel), and the classes interleave into dx. Same FLOPs as the transposed
+    convolution XLA would run on a zero-dilated ``g`` (which is 2-4x slower on CPU), none on zeros.
+    """
+    if not _polyphase_applies(x_shape, strides):
+        _, input_vjp = jax.vjp(lambda x_: _lax_conv(x_, kernel, strides, padding), jnp.zeros(x_shape, g.dtype))
+        return input_vjp(g)[0]
+    batch, height, width, c_in = x_shape
+    (sh, sw), (kh, kw) = strides, kernel.shape[:2]
+    kernel_t = jnp.swapaxes(kernel, 2, 3).astype(g.dtype)  # (kh, kw, C_out, C_in): g's channels in
+    rows = [_phase_taps(r, padding[0][0], kh, sh, height // sh, g.shape[1]) for r in range(sh)]
+    cols = [_phase_taps(r, padding[1][0], kw, sw, width // sw, g.shape[2]) for r in range(sw)]
+    phases = []
+    for taps_h, pad_h in rows:
+        row = []
+        for taps_w, pad_w in cols:
+            if not taps_h or not taps_w:
+                row.append(jnp.zeros((batch, height // sh, width // sw, c_in), g.dtype))
+                continue
+            sub_kernel = kernel_t[jnp.array(taps_h)][:, jnp.array(taps_w)]
+            src = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)))
+            row.append(lax.conv_general_dilated(src, sub_kernel, (1, 1), "VALID", dimension_numbers=_NHWC))
+        phases.append(jnp.stack(row, axis=3))  # (B, H/sh, W/sw, sw, C_in)
+    return jnp.stack(phases, axis=2).reshape(batch, height, width, c_in)  # (B, H/sh, sh, W/sw, sw, C)
+
+
+def _phase_taps(residue: int, pad: int, k: int, stride: int, n_out: int, n_g: int) -> tuple[list[int], tuple[int, int]]:
+    """Kernel taps feeding input positions ``stride * m + residue`` along one axis, ordered by the
+    output offset they read (``g[m + d]``), and the (low, high) padding of ``g`` (negative crops)
+    that makes a VALID convolution over ``n_out`` positions read those offsets."""
+    offsets = {(residue + pad - i) // stride: i for i in range(k) if (residue + pad - i) % stride == 0}
+    if not offsets:
+        return [], (0, 0)
+    lo, hi = min(offsets), max(offsets)  # consecutive taps i differ by stride: offsets lo..hi, no gaps
+    return [offsets[d] for d in range(lo, hi + 1)], (-lo, n_out - 1 + hi - (n_g - 1))
 
 
 def _images_per_block(batch: int, rows_per_image: int, cols: int, itemsize: int) -> int:
@@ -202,19 +280,25 @@ def _supported(
     return dims == _NHWC
 
 
-def _matmul_pays(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
-    """Whether ``"auto"`` uses the matmul weight gradient for this convolution (measured on CPU).
+def _custom_gradients_pay(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether ``"auto"`` uses the custom VJP (matmul weight gradient, polyphase input gradient when
+    strided) for this convolution on one CPU device, rather than XLA's own gradients.
 
-    XLA's own weight gradient is as fast for small convolutions and much slower for large ones
-    (2-5x at 9.7 GFLOP, batch 128-512); for strided 1x1 kernels the matmul always won (2-10x).
+    Measured per ResNet18 convolution (batch 128, width 64, 2-core AMD EPYC, XLA's Eigen convolutions,
+    see ``compiler_options``), weight gradient matmul vs XLA: 1x1 stride 2 11 vs 39 ms; 3x3 stride 2
+    42 vs 63 and 31 vs 40 ms (and their input gradients 57 vs 100 and 26 vs 49 ms); 3x3 stride 1 at
+    16x16 67 vs 76 ms, but at 32x32 x 64 channels 122 vs 95 ms, 8x8 58 vs 57 ms and 4x4 x 512
+    channels 89 vs 50 ms. Below ``AUTO_MIN_FLOPS`` (test-size models) XLA's is as fast and compiles
+    quicker.
     """
     batch, height, width, c_in = x_shape
     kh, kw, _, c_out = kernel_shape
     if kh * kw == 1:
         return True
     out_pixels = math.ceil(height / strides[0]) * math.ceil(width / strides[1])
-    flops = 2 * batch * out_pixels * kh * kw * c_in * c_out
-    return flops >= AUTO_MIN_FLOPS
+    if flops(batch, (out_pixels,), (kh, kw), c_in, c_out) < AUTO_MIN_FLOPS:
+        return False
+    return any(s > 1 for s in strides) or 8 * 8 < out_pixels <= 16 * 16
 
 
 def make_conv_general_dilated(impl: str = "auto") -> Any:
@@ -258,7 +342,7 @@ def make_conv_general_dilated(impl: str = "auto") -> Any:
             lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count
         ):
             return plain()
-        if _explicit(impl) is None and not _matmul_pays(lhs.shape, rhs.shape, window_strides):
+        if _explicit(impl) is None and not _custom_gradients_pay(lhs.shape, rhs.shape, window_strides):
             return plain()
         return conv(lhs, rhs, window_strides, padding)
 

@@ -35,14 +35,18 @@ CASES = [
     ((4, 8, 8, 4), (1, 1, 4, 6), (2, 2), ((0, 0), (0, 0))),
     ((3, 9, 9, 3), (1, 1, 3, 5), (1, 1), ((0, 0), (0, 0))),
     ((3, 9, 10, 3), (3, 3, 3, 5), (3, 2), ((2, 0), (1, 2))),
+    # Polyphase input gradient: a kernel wider than twice the stride, a stride larger than the kernel.
+    ((2, 12, 12, 3), (5, 5, 3, 4), (3, 3), ((2, 2), (2, 2))),
+    ((2, 12, 8, 3), (3, 2, 3, 4), (2, 4), ((0, 1), (1, 0))),
 ]
 
 
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "blocked"])
 @pytest.mark.parametrize(("shape", "kernel_shape", "strides", "padding"), CASES)
 def test_float32_gradients_equal_autodiff(shape, kernel_shape, strides, padding, blocked, monkeypatch):
-    """Forward, input gradient and weight gradient equal lax's within float32 rounding, whether the
-    weight gradient is one matmul or a loop over batch blocks (forced by a tiny block size)."""
+    """Forward, input gradient (polyphase where strided and divisible) and weight gradient equal lax's
+    within float32 rounding, whether the weight gradient is one matmul or a loop over batch blocks
+    (forced by a tiny block size)."""
     if blocked:
         monkeypatch.setattr(mconv, "PATCH_BLOCK_BYTES", 1)  # one image per block
     x, kernel, key = _inputs(shape, kernel_shape)
@@ -172,9 +176,49 @@ def _uses_matmul(conv_fn, x_shape, kernel_shape, strides=(1, 1)):
     return "custom_vjp" in str(jaxpr(x, kernel))
 
 
-def test_auto_uses_the_matmul_only_where_it_pays(monkeypatch):
-    """On one CPU device, "auto" keeps XLA's gradient for small 3x3 convolutions (faster there and
-    quicker to compile) and uses the matmul for 1x1 ones and from AUTO_MIN_FLOPS on."""
+def test_polyphase_input_gradient_is_used_where_the_sides_divide():
+    """``input_grad`` splits strided convolutions whose input sides divide by the stride and leaves
+    the rest (stride 1, 7x7 at stride 2) to XLA; both equal autodiff (also in the cases above)."""
+    assert mconv._polyphase_applies((4, 8, 8, 4), (2, 2))
+    assert not mconv._polyphase_applies((4, 7, 7, 4), (2, 2))
+    assert not mconv._polyphase_applies((4, 8, 8, 4), (1, 1))
+    for shape, strides in (((4, 8, 8, 4), (2, 2)), ((4, 7, 7, 4), (2, 2))):
+        x, kernel, key = _inputs(shape, (3, 3, 4, 6))
+        out, vjp = jax.vjp(lambda x_, k=kernel, s=strides: _reference(x_, k, s, ((1, 1), (1, 1))), x)
+        g = jax.random.normal(key, out.shape)
+        got = mconv.input_grad(kernel, g, x.shape, strides, ((1, 1), (1, 1)))
+        chex.assert_trees_all_close(got, vjp(g)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compiler_options_give_cpu_convolutions_to_eigen(monkeypatch):
+    """On CPU the options keep XLA's convolution op (Eigen kernels) instead of a YNNPACK fusion;
+    ``$JAXCIFAR_XLA_CPU_CONV=ynnpack`` restores XLA's defaults; an unknown value is an error.
+    Fails if a new jaxlib renames or drops the option (then the speed-up is gone: re-measure)."""
+    monkeypatch.delenv(mconv.XLA_CPU_CONV_ENV_VAR, raising=False)
+    if jax.default_backend() != "cpu":
+        assert mconv.compiler_options() == {}
+        return
+    x, kernel, _ = _inputs((2, 8, 8, 64), (3, 3, 64, 64))
+
+    def compiled_text(options):
+        fn = jax.jit(lambda x, k: _reference(x, k, (1, 1), ((1, 1), (1, 1))), compiler_options=options)
+        return fn.lower(x, kernel).compile().as_text()
+
+    options = mconv.compiler_options()
+    assert options
+    text = compiled_text(options)
+    assert " convolution(" in text and "__ynn_fusion" not in text
+    monkeypatch.setenv(mconv.XLA_CPU_CONV_ENV_VAR, "ynnpack")
+    assert mconv.compiler_options() == {}
+    monkeypatch.setenv(mconv.XLA_CPU_CONV_ENV_VAR, "mkl")
+    with pytest.raises(ValueError, match="JAXCIFAR_XLA_CPU_CONV"):
+        mconv.compiler_options()
+
+
+def test_auto_uses_the_custom_gradients_only_where_they_pay(monkeypatch):
+    """On one CPU device, "auto" keeps XLA's gradients for small convolutions (as fast, quicker to
+    compile) and for the large 3x3 stride-1 ones at 32x32 and 4x4 (XLA's faster there), and uses the
+    custom VJP for 1x1, large strided and large mid-size (16x16) 3x3 convolutions."""
     monkeypatch.delenv(mconv.ENV_VAR, raising=False)
     if mconv.resolve_impl("auto") != "matmul":
         pytest.skip("auto is lax on this backend")
@@ -183,6 +227,10 @@ def test_auto_uses_the_matmul_only_where_it_pays(monkeypatch):
     assert 2 * 8 * 64 * 9 * 16 * 16 < mconv.AUTO_MIN_FLOPS <= 2 * 128 * 256 * 9 * 128 * 128
     assert not _uses_matmul(auto, *small)
     assert _uses_matmul(auto, *large)
+    assert _uses_matmul(auto, (128, 32, 32, 64), (3, 3, 64, 128), (2, 2))
+    assert not _uses_matmul(auto, (8, 8, 8, 16), (3, 3, 16, 32), (2, 2))
+    assert not _uses_matmul(auto, (128, 32, 32, 64), (3, 3, 64, 64))
+    assert not _uses_matmul(auto, (128, 4, 4, 512), (3, 3, 512, 512))
     assert _uses_matmul(auto, (8, 8, 8, 16), (1, 1, 16, 32), (2, 2))
     assert _uses_matmul(forced, *small)
     assert not _uses_matmul(mconv.make_conv_general_dilated("lax"), *large)
