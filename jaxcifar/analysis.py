@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcifar import transforms
+from jaxcifar import steps, transforms
 from models.conv import compiler_options
 
 
@@ -30,7 +30,9 @@ def _predict_batch(
     """Eval-mode softmax of one uint8 batch (averaged over TTA views): float32 (B, C) and int32 (B,) argmax."""
     views = transforms.tta_views(transforms.normalize(images, mean, std), tta)
     v, b = views.shape[:2]
-    logits = model.apply(variables, views.reshape(v * b, *views.shape[2:]), train=False)
+    logits = steps.apply_in_chunks(
+        lambda x: model.apply(variables, x, train=False), views.reshape(v * b, *views.shape[2:]), steps.eval_chunk()
+    )
     probs = jax.nn.softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1).mean(axis=0)
     return probs, jnp.argmax(probs, axis=-1).astype(jnp.int32)
 

@@ -74,6 +74,33 @@ def train_step(
     return state, metrics
 
 
+# Eval-mode forwards on one CPU device run over chunks of at most this many images (``jax.lax.map``):
+# measured on 2 cores, ResNet18 width 64, one forward of 512 images ran at 80-87 images/s and in
+# chunks of 128 at 153 (1000 images: 131 vs 151; 128-256 images: the same). Train steps cannot be
+# chunked (BatchNorm's statistics are over the whole batch).
+CPU_EVAL_CHUNK = 128
+_MIN_CHUNK = 32  # a batch with no divisor between this and CPU_EVAL_CHUNK runs in one piece
+
+
+def eval_chunk(mesh: Mesh | None = None) -> int | None:
+    """Returns the eval forward chunk: ``CPU_EVAL_CHUNK`` on one CPU device, None (whole batch) else."""
+    if mesh is not None or jax.default_backend() != "cpu" or jax.device_count() > 1:
+        return None
+    return CPU_EVAL_CHUNK
+
+
+def apply_in_chunks(apply: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
+    """Returns ``apply(x)`` for a batch ``x`` (N, ...), computed over equal chunks of at most ``chunk``
+    images with ``jax.lax.map`` (the largest divisor of N from ``_MIN_CHUNK`` on), or in one piece when
+    ``chunk`` is None or no such divisor exists. Only for per-example functions (eval mode)."""
+    n = x.shape[0]
+    size = next((c for c in range(min(chunk or n, n), _MIN_CHUNK - 1, -1) if n % c == 0), n)
+    if size >= n:
+        return apply(x)
+    out = jax.lax.map(apply, x.reshape(n // size, size, *x.shape[1:]))
+    return out.reshape(n, *out.shape[2:])
+
+
 def eval_step(
     state: TrainState,
     batch: Batch,
@@ -82,17 +109,22 @@ def eval_step(
     std: Sequence[float],
     tta: str = "none",
     ema: bool = False,
+    chunk: int | None = None,
 ) -> Metrics:
     """Eval-mode forward of a (possibly padded) batch; ``batch["mask"]`` marks the real examples.
 
     ``tta`` averages the softmax over test-time views (``transforms.tta_views``) in one forward
-    pass; ``ema`` evaluates the EMA weights. Returns ``{"loss_sum", "correct", "count"}`` over the
-    real examples (float32 scalars); the loss is the NLL of the (averaged) probabilities.
+    pass; ``ema`` evaluates the EMA weights; ``chunk`` runs the forward over chunks of at most that
+    many images (``apply_in_chunks``; same result). Returns ``{"loss_sum", "correct", "count"}``
+    over the real examples (float32 scalars); the loss is the NLL of the (averaged) probabilities.
     """
     images = transforms.normalize(batch["image"], mean, std)
     views = transforms.tta_views(images, tta)
     v, b = views.shape[:2]
-    logits = state.apply_fn(state.variables(ema), views.reshape(v * b, *views.shape[2:]), train=False)
+    variables = state.variables(ema)
+    logits = apply_in_chunks(
+        lambda x: state.apply_fn(variables, x, train=False), views.reshape(v * b, *views.shape[2:]), chunk
+    )
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1)
     log_probs = jax.nn.logsumexp(log_probs, axis=0) - jnp.log(v)  # log of the mean probability
     mask = batch["mask"].astype(jnp.float32)
@@ -144,8 +176,10 @@ def make_eval_step(
     The state is read, not donated (evaluation leaves it as it is).
     """
 
+    chunk = eval_chunk(mesh)
+
     def step(state: TrainState, batch: Batch) -> Metrics:
-        return eval_step(state, batch, mean=tuple(mean), std=tuple(std), tta=tta, ema=ema)
+        return eval_step(state, batch, mean=tuple(mean), std=tuple(std), tta=tta, ema=ema, chunk=chunk)
 
     options = compiler_options()
     if mesh is None:

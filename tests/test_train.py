@@ -7,11 +7,17 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from jaxcifar import CheckpointError, Config, fit
+from jaxcifar import CheckpointError, Config, fit, optim, steps
 from jaxcifar.checkpoint import read_history
+from jaxcifar.state import create_train_state
+from jaxcifar.trainer import build_model
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def test_loss_goes_down_on_learnable_problem(synthetic_run):
@@ -79,3 +85,31 @@ def test_one_epoch_on_real_shared_images(real_run):
     assert 0.0 <= history[0]["test_acc"] <= 1.0
     assert int(state.step) == 400 // 50
     assert jax.tree.leaves(state.params)[0].dtype == np.float32
+
+
+def test_chunked_evaluation_equals_one_forward():
+    """``apply_in_chunks`` (eval on one CPU device) gives the whole batch's outputs and metrics; the
+    chunk is the largest divisor of the batch up to the limit, or the whole batch when there is none."""
+    config = Config(width=4, batch_size=32)
+    tx = optim.make_optimizer(config, optax.constant_schedule(0.1))
+    state = create_train_state(build_model(config), tx, seed=0)
+    key = jax.random.PRNGKey(3)
+    batch = {
+        "image": jax.random.randint(key, (96, 32, 32, 3), 0, 256).astype(jnp.uint8),
+        "label": jnp.arange(96) % 10,
+        "mask": jnp.arange(96) < 90,
+    }
+    whole = jax.jit(lambda s, b: steps.eval_step(s, b, mean=MEAN, std=STD))(state, batch)
+    chunked = jax.jit(lambda s, b: steps.eval_step(s, b, mean=MEAN, std=STD, chunk=40))(state, batch)  # 3 x 32
+    chex.assert_trees_all_close(chunked, whole, rtol=1e-5)
+    assert float(whole["count"]) == 90
+    calls = []
+
+    def record(x):
+        calls.append(x.shape[0])
+        return x
+
+    for n, chunk, expected in ((96, 40, 32), (1000, 128, 125), (256, 128, 128), (97, 64, 97), (16, None, 16)):
+        calls.clear()
+        chex.assert_shape(jax.jit(lambda x, c=chunk: steps.apply_in_chunks(record, x, c))(jnp.zeros((n, 2))), (n, 2))
+        assert calls == [expected], (n, chunk, calls)
