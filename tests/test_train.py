@@ -35,7 +35,12 @@ def test_workdir_outputs(synthetic_run):
     assert Config.load(workdir / "config.json") == config
     history = read_history(workdir)
     assert history == result.history and len(history) == 4
-    assert set(history[0]) >= {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+    keys = {"epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr"} | {
+        "seconds",
+        "train_seconds",
+        "eval_seconds",
+    }
+    assert set(history[0]) >= keys
     assert history[-1]["lr"] < history[1]["lr"]  # onecycle annealed
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [16, 32, 48, 64]
     assert len(list((workdir / "best").iterdir())) == 1
@@ -55,8 +60,9 @@ def test_resume_equals_uninterrupted_run(synthetic_run, tmp_path):
     assert int(resumed.state.step) == int(full.state.step)
     chex.assert_trees_all_close(resumed.state.params, full.state.params, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(resumed.state.batch_stats, full.state.batch_stats, rtol=1e-5, atol=1e-6)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
-    expected = [{k: v for k, v in r.items() if k != "seconds"} for r in full.history]
+    timings = ("seconds", "train_seconds", "eval_seconds")
+    strip = [{k: v for k, v in r.items() if k not in timings} for r in resumed.history]
+    expected = [{k: v for k, v in r.items() if k not in timings} for r in full.history]
     assert [sorted(r) for r in strip] == [sorted(r) for r in expected]
     np.testing.assert_allclose(
         [[r[k] for k in sorted(r)] for r in strip], [[r[k] for k in sorted(r)] for r in expected], rtol=1e-5
