@@ -21,9 +21,9 @@ shape, initializer) do not change. Which implementation runs is chosen when the 
 - ``"matmul"``: the custom VJP (NHWC/HWIO, no dilation, no feature groups; anything else falls back
   to ``"lax"``) with the matmul weight gradient and the polyphase input gradient.
 - ``"auto"`` (default): on a single CPU device, the custom VJP where it was measured faster, per
-  convolution (``_custom_gradients_pay``): 1x1 kernels, and from ``AUTO_MIN_FLOPS`` on strided and
-  mid-size (9x9 to 16x16 outputs) 3x3 ones; XLA's own gradients for the rest, and ``"lax"`` on GPU,
-  TPU and several CPU devices.
+  convolution (``_custom_gradients_pay``): 1x1 kernels, and from ``AUTO_MIN_FLOPS`` on strided
+  ones and those with outputs larger than 8x8; XLA's own gradients for the rest, and ``"lax"`` on
+  GPU, TPU and several CPU devices.
   The environment variable ``JAXCIFAR_CONV_IMPL`` (``lax`` or ``matmul``) overrides ``"auto"``.
 
 The custom VJP defines a VJP only: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``)
@@ -94,7 +94,7 @@ def describe_impl(impl: str = "auto") -> str:
     if resolve_impl(impl) == "lax":
         return "auto: lax"
     return (
-        "auto: matmul weight gradient for 1x1, strided and mid-size (9x9-16x16) 3x3 convolutions, "
+        "auto: matmul weight gradient for 1x1, strided and larger-than-8x8 3x3 convolutions, "
         "polyphase input gradient for strided ones, lax for the rest"
     )
 
@@ -287,9 +287,11 @@ def _custom_gradients_pay(x_shape: Sequence[int], kernel_shape: Sequence[int], s
     Measured per ResNet18 convolution (batch 128, width 64, 2-core AMD EPYC, XLA's Eigen convolutions,
     see ``compiler_options``), weight gradient matmul vs XLA: 1x1 stride 2 11 vs 39 ms; 3x3 stride 2
     42 vs 63 and 31 vs 40 ms (and their input gradients 57 vs 100 and 26 vs 49 ms); 3x3 stride 1 at
-    16x16 67 vs 76 ms, but at 32x32 x 64 channels 122 vs 95 ms, 8x8 58 vs 57 ms and 4x4 x 512
-    channels 89 vs 50 ms. Below ``AUTO_MIN_FLOPS`` (test-size models) XLA's is as fast and compiles
-    quicker.
+    16x16 67 vs 76 ms, 8x8 58 vs 57 ms, 4x4 x 512 channels 89 vs 50 ms. At 32x32 x 64 channels XLA's
+    was faster alone (95 vs 122 ms), but inside the train step it transposes the activations to
+    channel-major, fused with the BatchNorm backward (115-213 ms per convolution in a profile), so the
+    whole step was faster with the matmul there (2.93-2.96 vs 3.13 s). Below ``AUTO_MIN_FLOPS``
+    (test-size models) XLA's is as fast and compiles quicker.
     """
     batch, height, width, c_in = x_shape
     kh, kw, _, c_out = kernel_shape
@@ -298,7 +300,7 @@ def _custom_gradients_pay(x_shape: Sequence[int], kernel_shape: Sequence[int], s
     out_pixels = math.ceil(height / strides[0]) * math.ceil(width / strides[1])
     if flops(batch, (out_pixels,), (kh, kw), c_in, c_out) < AUTO_MIN_FLOPS:
         return False
-    return any(s > 1 for s in strides) or 8 * 8 < out_pixels <= 16 * 16
+    return any(s > 1 for s in strides) or out_pixels > 8 * 8
 
 
 def make_conv_general_dilated(impl: str = "auto") -> Any:
