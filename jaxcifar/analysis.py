@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcifar import steps, transforms
-from models.conv import compiler_options
+from models.conv import lazy_jit
 
 
+@functools.partial(lazy_jit, static_argnames=("model", "mean", "std", "tta"))
 def _predict_batch(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -35,12 +36,6 @@ def _predict_batch(
     )
     probs = jax.nn.softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1).mean(axis=0)
     return probs, jnp.argmax(probs, axis=-1).astype(jnp.int32)
-
-
-@functools.cache
-def _jitted_predict_batch() -> Any:
-    """``_predict_batch`` jitted with the backend's compiler options (built on first use, not at import)."""
-    return jax.jit(_predict_batch, static_argnames=("model", "mean", "std", "tta"), compiler_options=compiler_options())
 
 
 def predict(
@@ -68,8 +63,7 @@ def predict(
     padded = np.concatenate([images, padding])
     stats = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     outputs = [
-        _jitted_predict_batch()(model, variables, padded[i : i + batch], *stats, tta)
-        for i in range(0, len(padded), batch)
+        _predict_batch(model, variables, padded[i : i + batch], *stats, tta) for i in range(0, len(padded), batch)
     ]
     probs = np.concatenate([np.asarray(p) for p, _ in outputs])[:n]
     preds = np.concatenate([np.asarray(p) for _, p in outputs])[:n]

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from models.conv import compiler_options
+from models.conv import lazy_jit
 
 MIN_RESOLUTION = 5  # Below 5x5 a map cannot localize anything in a 32x32 image (layer4 of CIFAR ResNets is 4x4).
 _EPS = 1e-7  # scale_cam_image's 1e-7 in ``img / (1e-7 + np.max(img))``.
@@ -149,6 +149,7 @@ def _activation_and_gradient(
     return activation.astype(jnp.float32), grads[layer].astype(jnp.float32)
 
 
+@functools.partial(lazy_jit, static_argnames=("model", "layer"))
 def _grad_cam(
     model: nn.Module, layer: str, variables: dict[str, Any], images: jax.Array, targets: jax.Array | None
 ) -> jax.Array:
@@ -157,12 +158,6 @@ def _grad_cam(
     weights = jnp.mean(grads, axis=(1, 2))
     cams = jax.nn.relu(jnp.sum(activation * weights[:, None, None, :], axis=-1))
     return scale_cam(cams, images.shape[1:3])
-
-
-@functools.cache
-def _jitted_grad_cam() -> Any:
-    """``_grad_cam`` jitted with the backend's compiler options (built on first use, not at import)."""
-    return jax.jit(_grad_cam, static_argnames=("model", "layer"), compiler_options=compiler_options())
 
 
 def grad_cam(
@@ -190,7 +185,7 @@ def grad_cam(
         targets = jnp.asarray(targets, jnp.int32)
         if targets.shape != images.shape[:1]:
             raise ValueError(f"targets must have shape ({images.shape[0]},), got {targets.shape}")
-    return _jitted_grad_cam()(model, layer, _model_variables(variables), images, targets)
+    return _grad_cam(model, layer, _model_variables(variables), images, targets)
 
 
 def overlay(image01: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:

@@ -119,6 +119,25 @@ def compiler_options() -> dict[str, str]:
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+def lazy_jit(fun: Any, **jit_kwargs: Any) -> Any:
+    """Returns ``fun`` jitted with ``compiler_options()`` (and ``jit_kwargs``), built on the first call.
+
+    For module-level functions (usable as a decorator via ``functools.partial``): choosing the
+    options at import time would initialize the JAX backend on ``import``, before a user could
+    call ``jax.distributed.initialize()``.
+    """
+    jitted = None
+
+    @functools.wraps(fun)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal jitted
+        if jitted is None:
+            jitted = jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+        return jitted(*args, **kwargs)
+
+    return call
+
+
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding) -> jax.Array:
     """NHWC x HWIO convolution with explicit padding and the matmul weight gradient.
 
