@@ -21,11 +21,16 @@ optional and imported only then.
 
 from __future__ import annotations
 
+from jaxcifar import interrupts
+
+if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends in one line from the start
+    interrupts.install("python -m jaxcifar.bench")
+
+import argparse
 import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,9 +42,10 @@ import numpy as np
 import optax
 
 import models
-from jaxcifar import cli, optim, steps
+from jaxcifar import cli, optim, sizing, steps
 from jaxcifar.config import DTYPES, Config
 from jaxcifar.data import NORMALIZATION
+from jaxcifar.errors import DataError
 from jaxcifar.state import create_train_state
 from models.conv import CONV_IMPLS, compiler_options, describe_impl
 
@@ -446,15 +452,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, (value, low) in minimums.items():
         if value < low:
             parser.error(f"argument {flag}: must be >= {low}, got {value}")
+    return cli.run_command(PROG, lambda: _bench(args), lambda: "nothing measured is kept (the bench writes no files)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    config = Config(
+        model=args.model,
+        width=args.width,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        dtype=args.dtype,
+    )
+    sizing.check_fits(config, models.get_model(args.model, width=args.width), jax.devices()[:1])
     if args.compare_torch:
         try:
             import torch  # noqa: F401
         except ImportError:
-            cli.fail(PROG, "--compare-torch needs PyTorch: pip install torch")
-    try:
-        describe_impl(args.conv)
-    except ValueError as e:  # a bad $JAXCIFAR_CONV_IMPL
-        cli.fail(PROG, str(e))
+            raise DataError("--compare-torch needs PyTorch: pip install torch") from None
     result = run(
         model=args.model,
         width=args.width,
@@ -472,4 +486,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    interrupts.exit_with(main)

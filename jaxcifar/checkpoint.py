@@ -12,80 +12,155 @@ Layout of a workdir::
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from jaxcifar.config import Config
-from jaxcifar.errors import CheckpointError, ConfigError
+from jaxcifar.config import Config, flag
+from jaxcifar.errors import CheckpointError, ConfigError, JaxcifarError
 from jaxcifar.state import TrainState, checkpoint_items
+from jaxcifar.workdir import checkpoint_meta, committed_steps
 
-# Fields that change the shapes of the state: a workdir can only be resumed when they agree.
-MODEL_FIELDS = ("model", "width", "dataset", "optimizer")
+log = logging.getLogger(__name__)
 
-
-def write_json(path: Path, data: Any) -> None:
-    """Writes JSON atomically (temp file then rename), so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_history(workdir: str | Path) -> list[dict[str, Any]]:
-    """Returns the per-epoch history of a workdir ([] when there is none)."""
-    path = Path(workdir) / "history.json"
-    return json.loads(path.read_text()) if path.exists() else []
+# Fields a resumed run may change: they do not change what is trained (the trajectory of the
+# weights), only how it is run, logged or where files are. Every other field must equal the saved one.
+RESUME_FREE_FIELDS = (
+    "resume",
+    "workdir",
+    "data_dir",
+    "download",
+    "log_every",
+    "keep_checkpoints",
+    "report",
+    "eval_batch_size",
+    "num_devices",
+    "distributed",
+    "lr_find_start",
+    "lr_find_end",
+    "lr_find_steps",
+)
 
 
 def has_checkpoint(workdir: str | Path) -> bool:
-    """True when the workdir holds at least one saved checkpoint."""
-    directory = Path(workdir) / "checkpoints"
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    """True when the workdir holds at least one committed checkpoint."""
+    return bool(committed_steps(Path(workdir) / "checkpoints"))
 
 
-def check_resumable(workdir: Path, config: Config) -> None:
-    """Raises CheckpointError when ``workdir`` was made by a run with another model/optimizer."""
-    saved_path = workdir / "config.json"
-    if not saved_path.exists():
-        raise CheckpointError(f"{workdir} holds checkpoints but no config.json; cannot tell what made them")
+def saved_config(workdir: str | Path) -> Config:
+    """Returns the Config in ``workdir/config.json``; CheckpointError when it is absent or unreadable."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{workdir} holds no config.json; cannot tell what run made it")
     try:
-        saved = Config.load(saved_path)
-    except (ConfigError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{saved_path}: unreadable config ({e})") from e
+        return Config.load(path)
+    except JaxcifarError as e:
+        raise CheckpointError(f"unreadable config: {e}") from None
+
+
+def resume_config(workdir: str | Path, config: Config) -> Config:
+    """Returns the config to resume ``workdir`` with: ``config``, with ``lr`` from the saved config
+    when ``config.lr`` is ``auto`` (the LR range test ran when the run started).
+
+    Raises ConfigError listing every field outside ``RESUME_FREE_FIELDS`` whose value differs from the
+    saved config (``--flag SAVED (saved) vs NOW (now)``): resuming would silently make another run.
+    """
+    saved = saved_config(workdir)
+    if config.lr == "auto":
+        config = config.replace(lr=saved.lr)
     diffs = [
-        f"--{name.replace('_', '-')} {getattr(saved, name)} (workdir) vs {getattr(config, name)} (now)"
-        for name in MODEL_FIELDS
-        if getattr(saved, name) != getattr(config, name)
+        f"{flag(name)} {_show(getattr(saved, name))} (saved) vs {_show(getattr(config, name))} (now)"
+        for name in saved.to_dict()
+        if name not in RESUME_FREE_FIELDS and getattr(saved, name) != getattr(config, name)
     ]
     if diffs:
-        raise CheckpointError(f"cannot resume {workdir}: it was made by a different run: {'; '.join(diffs)}")
+        hint = (
+            "; a finished run cannot be extended (the schedule depends on --epochs): start a new run in another "
+            "--workdir"
+            if any(d.startswith("--epochs ") for d in diffs)
+            else ""
+        )
+        raise ConfigError(
+            f"--resume {workdir}: the saved run differs in {'; '.join(diffs)}. Resume with the saved values "
+            f"(python -m jaxcifar.train --config {Path(workdir) / 'config.json'} --resume) or use another "
+            f"--workdir{hint}"
+        )
+    return config
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
 
 
 class Checkpointer:
-    """Saves and restores ``TrainState`` + JSON metadata with two orbax managers (latest, best)."""
+    """Saves and restores ``TrainState`` + JSON metadata with two orbax managers (latest, best).
+
+    Saves are synchronous: when ``save`` returns, the checkpoint is committed on disk (so the
+    history written after it never lists an epoch without a checkpoint); a failed write raises
+    CheckpointError naming the folder and the OS error.
+    """
 
     def __init__(self, workdir: str | Path, keep: int = 2):
         workdir = Path(workdir).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options)
-        self.best = ocp.CheckpointManager(
-            workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        )
+        self.workdir = workdir
+        self.unreadable: list[int] = []
+        self.latest = _manager(workdir / "checkpoints", keep)
+        self.best = _manager(workdir / "best", 1)
 
     def save(self, state: TrainState, meta: dict[str, Any], is_best: bool) -> None:
-        """Saves the state (asynchronously) as the latest checkpoint, and as best when ``is_best``."""
+        """Saves the state as the latest checkpoint, and as best when ``is_best``; returns once committed."""
         step = int(state.step)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(checkpoint_items(state)), meta=ocp.args.JsonSave(meta))
-        self.latest.save(step, args=args)
-        if is_best:
-            self.best.save(step, args=args)
+        items = checkpoint_items(state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta))
+        managers = [self.latest, self.best] if is_best else [self.latest]
+        # Refuse before writing when the disk clearly has no room: orbax's failure on a full disk leaves
+        # stray tracebacks from its writer threads behind.
+        needed = len(managers) * (sum(x.nbytes for x in jax.tree.leaves(items)) + len(json.dumps(meta)) + 2**16)
+        free = shutil.disk_usage(self.workdir).free
+        if free < needed:
+            raise CheckpointError(
+                f"cannot save checkpoint {self.latest.directory}/{step}: No space left on device (it needs about "
+                f"{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free)"
+            )
+        for manager in managers:
+            try:
+                if step in manager.all_steps():  # a copy of this step from before a resume re-did it
+                    manager.delete(step)
+                manager.save(step, args=args, force=True)
+                manager.wait_until_finished()
+            except Exception as e:  # orbax/tensorstore wrap OS errors (full disk, permissions) in many types
+                raise CheckpointError(f"cannot save checkpoint {manager.directory}/{step}: {_first_line(e)}") from None
 
     def restore_latest(self, template: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        """Returns (state, meta) of the latest checkpoint, or None when there is none."""
-        return _restore(self.latest, template)
+        """Returns (state, meta) of the newest intact checkpoint, or None when there is none.
+
+        A checkpoint that cannot be read (truncated or corrupt files) is skipped with a warning naming
+        it, and the next older one is tried; CheckpointError when none of them can be read.
+        """
+        return _restore_newest(self.latest, template, self.unreadable)
+
+    def set_aside_unreadable(self) -> None:
+        """Moves the checkpoints ``restore_latest`` could not read to ``WORKDIR/unreadable-checkpoints/``
+        (kept for inspection; the resumed run writes those steps anew)."""
+        if not self.unreadable:
+            return
+        aside = self.workdir / "unreadable-checkpoints"
+        aside.mkdir(exist_ok=True)
+        for step in self.unreadable:
+            target = aside / f"{step}-{int(time.time())}"
+            os.replace(self.workdir / "checkpoints" / str(step), target)
+            print(f"moved the unreadable checkpoint {self.workdir / 'checkpoints' / str(step)} to {target}", flush=True)
+        self.latest.reload()
+        self.unreadable = []
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk."""
@@ -99,33 +174,74 @@ class Checkpointer:
         self.best.close()
 
 
-def _restore(manager: ocp.CheckpointManager, template: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-    step = manager.latest_step()
-    if step is None:
+def _manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    except OSError as e:
+        raise CheckpointError(f"cannot use {directory}: {e.strerror or e}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """Returns the gist of an orbax/tensorstore error: the OS error where one is named (they bury it at
+    the end of a long message), else the start of its first line."""
+    text = str(error)
+    code = re.search(r"os_error_code='?(\d+)", text) or re.search(r"\[Errno (\d+)\]", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    lines = text.strip().splitlines()
+    return f"{error.__class__.__name__}: {lines[0][:200] if lines else ''}"
+
+
+def read_meta(workdir: str | Path) -> dict[str, Any] | None:
+    """Returns the metadata (epoch, step, history, best) of the newest committed checkpoint whose metadata
+    is readable, without reading the state; None when there is none."""
+    directory = Path(workdir) / "checkpoints"
+    for step in reversed(committed_steps(directory)):
+        meta = checkpoint_meta(directory / str(step))
+        if meta is not None:
+            return meta
+    return None
+
+
+def _restore_newest(
+    manager: ocp.CheckpointManager, template: TrainState, unreadable: list[int] | None = None
+) -> tuple[TrainState, dict[str, Any]] | None:
+    """Restores the newest checkpoint that can be read; appends the steps that could not to ``unreadable``."""
+    steps = sorted(manager.all_steps())
+    if not steps:
         return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_items(template))
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"checkpoint {manager.directory}/{step} does not fit this model/optimizer "
-            f"({e.__class__.__name__}: {str(e).splitlines()[0][:160]})"
-        ) from e
-    return template.replace(**restored["state"]), dict(restored["meta"])
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    broken = []
+    for step in reversed(steps):
+        try:
+            restored = manager.restore(step, args=args)
+        except Exception as e:  # a truncated/corrupt file surfaces as many exception types
+            broken.append(f"{manager.directory}/{step} ({_first_line(e)})")
+            if unreadable is not None:
+                unreadable.append(step)
+            continue
+        if broken:
+            print(f"warning: unreadable checkpoint {'; '.join(broken)}; using {manager.directory}/{step}", flush=True)
+        return template.replace(**restored["state"]), dict(restored["meta"])
+    raise CheckpointError(f"no readable checkpoint: {'; '.join(broken)}")
 
 
 def load_best(workdir: str | Path, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
-    """Returns (state, meta) of the workdir's best checkpoint (falls back to the latest)."""
+    """Returns (state, meta) of the workdir's best checkpoint (falls back to the latest intact one)."""
     workdir = Path(workdir).absolute()
+    errors = []
     for name in ("best", "checkpoints"):
-        if (workdir / name).is_dir():
-            manager = ocp.CheckpointManager(workdir / name)
+        if committed_steps(workdir / name):
+            manager = ocp.CheckpointManager(workdir / name, options=ocp.CheckpointManagerOptions(read_only=True))
             try:
-                found = _restore(manager, template)
+                found = _restore_newest(manager, template)
+            except CheckpointError as e:
+                errors.append(str(e))
+                continue
             finally:
                 manager.close()
             if found is not None:
                 return found
-    raise CheckpointError(f"{workdir}: no checkpoint found")
+    raise CheckpointError(f"{workdir}: {'; '.join(errors) or 'no checkpoint found'}")

@@ -1,14 +1,25 @@
-"""Builds argparse flags from the Config dataclass and reports user errors as one line."""
+"""What every command line shares: flags built from the Config dataclass, and endings in one line.
+
+A user error ends as ``PROG: error: MESSAGE`` on stderr with exit code 2 (a bad value: ``ConfigError``
+and argparse errors) or 1 (bad data, workdir or checkpoint: other ``JaxcifarError``s). Ctrl-C (SIGINT)
+and SIGTERM end the command at once, from any point (also inside a compile), with one line saying
+what is saved and exit code 130 (143): see ``run_command`` and ``jaxcifar.interrupts``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from jaxcifar import interrupts
 from jaxcifar.config import Config, flag
+from jaxcifar.errors import ConfigError, JaxcifarError
+from models.conv import compiler_options, describe_impl
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,7 +52,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = (
             kwargs.update(type=parse_lr, metavar="LR|auto")
         else:
             base = annotation.replace(" | None", "")
-            kwargs["type"] = {"int": int, "float": float, "str": str}[base]
+            kwargs["type"] = {"int": int, "float": finite_float, "str": str}[base]
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             else:
@@ -53,13 +64,24 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = (
 
 
 def parse_lr(text: str) -> float | str:
-    """argparse type of ``--lr``: a float, or ``auto`` (run the LR range test first)."""
+    """argparse type of ``--lr``: a finite float, or ``auto`` (run the LR range test first)."""
     if text == "auto":
         return text
     try:
-        return float(text)
+        return finite_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a finite number or auto") from None
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a float flag: a finite number (inf and nan are refused)."""
+    try:
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a number or auto") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a finite number")
+    return value
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -75,8 +97,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
     if getattr(args, "config", None) is not None:
         try:
             parser.set_defaults(**Config.load(args.config).to_dict())
-        except (OSError, ValueError, TypeError) as e:
-            parser.error(f"--config {args.config}: {e}")
+        except JaxcifarError as e:
+            parser.error(f"--config {e}")
         args = parser.parse_args(argv)
     try:
         return config_from_args(args)
@@ -86,5 +108,50 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
 
 def fail(prog: str, message: str, code: int = 1) -> NoReturn:
     """Prints ``prog: error: message`` as one line on stderr and exits with ``code`` (no traceback)."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def configure_logging() -> None:
+    """Logs jaxcifar's warnings to stderr; silences orbax's (absl) and asyncio's loggers, whose failures
+    (e.g. a checkpoint write on a full disk: a traceback per array) reach the user as one jaxcifar error."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def one_line(message: str) -> str:
+    """Returns ``message`` folded onto one line."""
+    return " ".join(str(message).split())
+
+
+def exit_code(error: Exception) -> int:
+    """Returns 2 for a bad value (``ConfigError``), 1 for other user errors (data, workdir, checkpoint)."""
+    return 2 if isinstance(error, ConfigError) else 1
+
+
+def check_environment() -> None:
+    """Raises ConfigError when a ``JAXCIFAR_*`` environment switch holds a value it does not know."""
+    try:
+        describe_impl("auto")
+        compiler_options()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_command(prog: str, body: Callable[[], int], interrupted: Callable[[], str]) -> int:
+    """Runs a command's ``body`` and returns its exit code; user errors and interrupts end in one line.
+
+    A ``JaxcifarError`` ends as ``PROG: error: ...`` with ``exit_code``. Where the command's
+    ``__main__`` installed ``jaxcifar.interrupts``, SIGINT/SIGTERM end the process at once with
+    ``PROG: interrupted: <interrupted()>`` and exit code 130/143.
+    """
+    interrupts.describe(interrupted)
+    try:
+        check_environment()
+        code = body()
+    except JaxcifarError as e:
+        interrupts.disarm()
+        fail(prog, str(e), exit_code(e))
+    interrupts.disarm()
+    return code

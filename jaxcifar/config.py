@@ -8,13 +8,14 @@ Defaults reproduce the assignment run: ResNet18, 20 epochs, SGD (Nesterov) + One
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import models
 from jaxcifar.errors import ConfigError
+from jaxcifar.files import read_json, write_json
 
 DATA_SOURCES = ("auto", "tfds", "cifar-python", "folder", "synthetic")
 DATASETS = ("cifar10", "cifar100")
@@ -43,8 +44,8 @@ class Config:
         "Where images come from: tfds (tensorflow-datasets, needs TensorFlow to build the data once), "
         "cifar-python (the official python tarball or its folder in --data-dir, or downloaded with "
         "--download), folder (train/<class>/*.jpg and test/<class>/*.jpg under --data-dir), synthetic "
-        "(a small learnable problem for smoke runs). auto: folder or cifar-python when --data-dir "
-        "holds one, else tfds.",
+        "(a small learnable problem for smoke runs). auto: with --data-dir, folder, cifar-python or a prepared "
+        "tfds folder, whichever it holds (anything else is an error); without it, tfds.",
         choices=DATA_SOURCES,
     )
     data_dir: str | None = _field(None, "Data directory (or the cifar-python tarball) for the chosen source.")
@@ -142,12 +143,13 @@ class Config:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
+            value = _checked_type(f.name, str(f.type), getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
             allowed = f.metadata.get("choices")
-            value = getattr(self, f.name)
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"{flag(f.name)}: {value!r} is not one of {', '.join(allowed)}")
-        if isinstance(self.milestones, list):
-            object.__setattr__(self, "milestones", tuple(self.milestones))
+        _check(0 <= self.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}]")
+        _check(self.workdir.strip() != "", "workdir", "must not be empty")
         _check(self.width >= 1, "width", "must be >= 1")
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -205,18 +207,56 @@ class Config:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        """Writes the config as JSON to ``path``."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Writes the config as JSON to ``path`` (atomically)."""
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
-        """Reads a config written by ``save``."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Reads a config written by ``save``; ConfigError naming the file and the key when it is bad."""
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def flag(name: str) -> str:
     """Returns the CLI flag of a config field: ``train_subset`` -> ``--train-subset``."""
     return "--" + name.replace("_", "-")
+
+
+MAX_SEED = 2**32 - 1  # numpy and jax.random both take seeds up to this
+
+_TYPE_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
+
+
+def _checked_type(name: str, annotation: str, value: Any) -> Any:
+    """Returns ``value`` if it has the field's type (ints are accepted for floats and become floats,
+    lists for tuples); raises ConfigError naming the flag, what is allowed and what was given."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    if annotation.startswith("tuple"):
+        if isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{flag(name)}: expected a list of integers, got {value!r}")
+    for kind in kinds:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{flag(name)}: must be a finite number, got {value}")
+            return float(value)
+        if kind == "str" and isinstance(value, str):
+            return value
+    allowed = " or ".join(_TYPE_NAMES[k] for k in kinds if k in _TYPE_NAMES)
+    if name == "lr":
+        allowed = "a finite number or auto"
+    raise ConfigError(f"{flag(name)}: expected {allowed}, got {value!r} ({type(value).__name__})")
 
 
 def _check(ok: bool, name: str, what: str) -> None:

@@ -97,7 +97,13 @@ def stratified_split(
 
 
 def resolve_source(config: Config) -> str:
-    """Returns the concrete data source for ``config.data_source == 'auto'``."""
+    """Returns the concrete data source for ``config.data_source == 'auto'``.
+
+    Without ``--data-dir``: ``cifar-python`` with ``--download``, else ``tfds``. With ``--data-dir``: what the
+    path holds (a cifar python tarball or folder, an image-folder tree with train/ and test/, a prepared
+    tfds data folder); anything else raises DataError saying what it holds instead (never a fallback to
+    tfds, which would try to build CIFAR into that folder).
+    """
     if config.data_source != "auto":
         return config.data_source
     if config.data_dir is None:
@@ -107,9 +113,26 @@ def resolve_source(config: Config) -> str:
         raise DataError(f"--data-dir {path}: no such file or directory")
     if sources.looks_like_cifar_python(path, config.dataset):
         return "cifar-python"
-    if (path / "train").is_dir():
+    if sources.is_image_folder_dataset(path):
         return "folder"
-    return "tfds"
+    if path.is_dir() and sources.is_tfds_data_dir(path, config.dataset):
+        return "tfds"
+    raise DataError(sources.explain_data_dir(path, config.dataset))
+
+
+def check_labels(splits: dict[str, sources.Arrays], class_names: list[str], source: str) -> None:
+    """Raises DataError unless every split's labels lie in [0, number of classes).
+
+    Out-of-range labels (a damaged or hand-made file) would otherwise train silently: ``one_hot`` of
+    such a label is all zeros.
+    """
+    n = len(class_names)
+    for split, (_, labels) in splits.items():
+        bad = labels[(labels < 0) | (labels >= n)]
+        if bad.size:
+            raise DataError(
+                f"{source} {split} labels must be in [0, {n}) for {n} classes; found {bad.size} outside, e.g. {bad[0]}"
+            )
 
 
 def load_dataset(config: Config) -> Dataset:
@@ -128,7 +151,9 @@ def load_dataset(config: Config) -> Dataset:
     if source == "folder":
         if config.data_dir is None:
             raise DataError("--data-dir is required with --data-source folder")
-        splits, class_names = sources.read_image_folder(config.data_dir, select=select, resize=config.resize)
+        splits, class_names = sources.read_image_folder(
+            config.data_dir, select=select, resize=config.resize, dataset=config.dataset
+        )
     else:
         if source == "synthetic":
             splits, class_names = sources.make_synthetic(num_classes=config.num_classes, seed=config.seed)
@@ -141,6 +166,7 @@ def load_dataset(config: Config) -> Dataset:
             splits, class_names = sources.read_cifar_python(path, config.dataset)
         else:
             splits, class_names = sources.read_tfds(config.dataset, config.data_dir)
+        check_labels(splits, class_names, source)
         splits = {name: Split(*arrays).take(select(name, arrays[1])) for name, arrays in splits.items()}
         splits = {name: (s.images, s.labels) for name, s in splits.items()}
 

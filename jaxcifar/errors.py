@@ -15,3 +15,11 @@ class DataError(JaxcifarError):
 
 class CheckpointError(JaxcifarError):
     """A workdir or checkpoint cannot be used for the requested run."""
+
+
+class RunFileError(JaxcifarError):
+    """A run file could not be written or read (full disk, no permission, garbage content)."""
+
+
+class DivergedError(JaxcifarError):
+    """Training produced a non-finite loss; the run stopped at its last good checkpoint."""

@@ -173,19 +173,59 @@ def grad_cam(
 
     ``images`` are normalized float (B, H, W, C) as the model expects; ``variables`` holds ``params``
     and ``batch_stats``; ``targets`` int (B,) classes to explain (default: each image's argmax).
-    Returns float32 (B, H, W) in [0, 1], all zeros where the map is constant. Raises ValueError for an
-    unknown layer or one smaller than 5x5 at this input size unless ``allow_small`` (see ``check_layer``).
+    Returns float32 (B, H, W) in [0, 1], all zeros where the map is constant. Raises ValueError (one line)
+    for images that are not a non-empty float NHWC batch with the model's channels, targets that are not
+    B integers in [0, classes), an unknown layer, or one smaller than 5x5 at this input size unless
+    ``allow_small`` (see ``check_layer``).
     One jitted call per batch, compiled once per (model, layer, batch shape).
     """
     images = jnp.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
+    _check_images(model, variables, images)
     check_layer(model, variables, images.shape, layer, allow_small)
     if targets is not None:
-        targets = jnp.asarray(targets, jnp.int32)
-        if targets.shape != images.shape[:1]:
-            raise ValueError(f"targets must have shape ({images.shape[0]},), got {targets.shape}")
+        targets = _check_targets(targets, images.shape[0], _num_classes(model, variables, images.shape))
     return _grad_cam(model, layer, _model_variables(variables), images, targets)
+
+
+def _input_channels(variables: Mapping[str, Any]) -> int | None:
+    """The channel count the model's first convolution takes (``params/conv1/kernel`` (3, 3, C, O)), if known."""
+    kernel = variables.get("params", {}).get("conv1", {}).get("kernel") if isinstance(variables, Mapping) else None
+    return int(kernel.shape[-2]) if getattr(kernel, "ndim", 0) == 4 else None
+
+
+def _num_classes(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> int:
+    """The number of logits of one forward (``jax.eval_shape``: nothing runs)."""
+    x = jax.ShapeDtypeStruct((1, *tuple(image_shape)[-3:]), jnp.float32)
+    logits = jax.eval_shape(lambda v, im: model.apply(v, im, train=False), _model_variables(variables), x)
+    return int(logits.shape[-1])
+
+
+def _check_images(model: nn.Module, variables: Mapping[str, Any], images: jax.Array) -> None:
+    """Raises ValueError unless ``images`` is a non-empty float (B, H, W, C) batch with the model's channels."""
+    channels = _input_channels(variables)
+    want = f"(B, H, W, {channels if channels else 'C'})"
+    if images.ndim != 4:
+        raise ValueError(f"images must be {want} (NHWC), got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"images must hold at least one image {want}, got an empty batch {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images must be normalized floats {want}, got {images.dtype} (normalize uint8 images first)")
+    if channels is not None and images.shape[-1] != channels:
+        hint = " (NCHW? transpose to NHWC)" if images.shape[1] == channels else ""
+        raise ValueError(f"images must be {want} (NHWC), got shape {images.shape}{hint}")
+
+
+def _check_targets(targets: jax.Array | Sequence[int], batch: int, num_classes: int) -> jax.Array:
+    """Returns ``targets`` as int32 (B,); raises ValueError for another shape, non-integers or classes out of range."""
+    array = np.asarray(targets)
+    if array.shape != (batch,):
+        raise ValueError(f"targets must have shape ({batch},) (one class per image), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"targets must be integer classes in [0, {num_classes}), got {array.dtype} {array.tolist()}")
+    bad = array[(array < 0) | (array >= num_classes)]
+    if bad.size:
+        raise ValueError(f"targets must be classes in [0, {num_classes}), got {bad.tolist()}")
+    return jnp.asarray(array, jnp.int32)
 
 
 def overlay(image01: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:

@@ -162,6 +162,13 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], di
             state_dict = inner
             meta = {k: v for k, v in checkpoint.items() if k != wrapper}
             break
+    not_names = [k for k in state_dict if not isinstance(k, str)]
+    if not_names:
+        more = f" and {len(not_names) - 1} more" if len(not_names) > 1 else ""
+        raise CheckpointError(
+            "PyTorch state_dict keys must be parameter names (str, e.g. 'conv1.weight'), got "
+            f"{type(not_names[0]).__name__} {not_names[0]!r}{more}"
+        )
     keys = [str(k) for k in state_dict]
     if keys and all(k.startswith("module.") for k in keys):
         state_dict = {str(k)[len("module.") :]: v for k, v in state_dict.items()}
@@ -204,6 +211,34 @@ def _describe(model_name: str, kwargs: Mapping[str, Any]) -> str:
     return f"{model_name}({details})" if details else model_name
 
 
+def _numeric_values(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Returns ``{key: NumPy array}``; raises CheckpointError naming every value that is not a real-number tensor."""
+    arrays: dict[str, np.ndarray] = {}
+    bad: list[str] = []
+    for key, value in state_dict.items():
+        try:
+            array = _as_numpy(value)
+        except Exception:  # ragged lists, tensors NumPy cannot take
+            array = None
+        if array is None or array.dtype.kind not in "biuf":
+            dtype = f" of {array.dtype}" if array is not None and hasattr(value, "shape") else ""
+            bad.append(f"{key} is {type(value).__name__}{dtype}")
+        else:
+            arrays[key] = array
+    if bad:
+        listed = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise CheckpointError(f"PyTorch state_dict values must be tensors or arrays of real numbers: {listed}")
+    return arrays
+
+
+def _leading_dim(arrays: Mapping[str, np.ndarray], key: str, ndim: int, layout: str) -> int:
+    """The first dimension of ``arrays[key]`` (width, classes); raises CheckpointError for another rank or 0."""
+    shape = tuple(arrays[key].shape)
+    if len(shape) != ndim or shape[0] < 1:
+        raise CheckpointError(f"{key} must have shape {layout} with a first dimension >= 1, got {shape}")
+    return int(shape[0])
+
+
 def load_torch_state_dict(
     state_dict: Mapping[str, Any], model_name: str | None = None, **model_kwargs: Any
 ) -> dict[str, dict[str, Any]]:
@@ -215,11 +250,18 @@ def load_torch_state_dict(
     ``models.get_model`` fields, ``width`` and ``num_classes`` defaulting to the checkpoint's
     (``conv1.weight`` and ``linear.weight`` shapes). Returns ``{"params": ..., "batch_stats": ...}``
     (nested dicts of float32 jax arrays: conv kernels (3, 3, I, O) HWIO, Dense kernel (in, out)) for
-    ``models.get_model(model_name, **model_kwargs).apply``. Raises ``CheckpointError`` listing every
-    missing, unexpected and wrongly-shaped key when the state_dict does not fit that model.
+    ``models.get_model(model_name, **model_kwargs).apply``. Raises ``CheckpointError`` (one line) listing
+    every missing, unexpected and wrongly-shaped key when the state_dict does not fit that model, and for
+    malformed input: not a mapping, empty, non-string keys, values that are not real-number tensors or
+    arrays, a ``conv1.weight``/``linear.weight`` of another rank or with a zero width/class count.
     """
     torch_dict, _ = unwrap_state_dict(state_dict)
-    torch_dict = {k: v for k, v in torch_dict.items() if not k.endswith("num_batches_tracked")}
+    if not torch_dict:
+        raise CheckpointError(
+            "the PyTorch state_dict is empty: expected kuangliu ResNet keys (conv1.weight, bn1.weight, ..., "
+            "linear.bias)"
+        )
+    torch_dict = _numeric_values({k: v for k, v in torch_dict.items() if not k.endswith("num_batches_tracked")})
     guessed = infer_model_name(torch_dict)
     if model_name is None:
         if guessed is None:
@@ -231,9 +273,12 @@ def load_torch_state_dict(
         model_name = guessed
     kwargs = dict(model_kwargs)
     if "width" not in kwargs and "conv1.weight" in torch_dict:
-        kwargs["width"] = int(_as_numpy(torch_dict["conv1.weight"]).shape[0])
+        kwargs["width"] = _leading_dim(torch_dict, "conv1.weight", 4, "(width, 3, 3, 3)")
     if "num_classes" not in kwargs and "linear.weight" in torch_dict:
-        kwargs["num_classes"] = int(_as_numpy(torch_dict["linear.weight"]).shape[0])
+        kwargs["num_classes"] = _leading_dim(torch_dict, "linear.weight", 2, "(classes, features)")
+    for name in ("width", "num_classes"):
+        if name in kwargs and not (isinstance(kwargs[name], int | np.integer) and kwargs[name] >= 1):
+            raise CheckpointError(f"{name} must be an integer >= 1, got {kwargs[name]!r}")
     try:
         model = models.get_model(model_name, **kwargs)
     except (ValueError, TypeError) as e:

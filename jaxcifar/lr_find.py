@@ -3,16 +3,21 @@
 The learning rate grows exponentially from ``--lr-find-start`` to ``--lr-find-end`` over
 ``--lr-find-steps`` training steps (the run's model, optimizer, augmentation and data), recording
 the loss smoothed as fastai does (exponential moving average, beta 0.98, debiased). It stops early
-once the smoothed loss exceeds 4x its best. The suggestion for onecycle's max LR is fastai's
-"valley" rule (see ``valley``), fastai's default since v2.5; the steepest-descent LR is reported
-too. The model and optimizer state are thrown away: a real run starts fresh.
+once the smoothed loss exceeds 4x its best. As fastai, the rules ignore the first 10 % and the last 5
+points. The suggestion for onecycle's max LR is the LR at the smoothed loss's minimum (``minimum``);
+fastai's rules (``valley``, its default since v2.5, the steepest descent and its ``minimum / 10``) are
+reported beside it in ``lr_find.json``. Why not valley: see ``minimum`` and
+experiments/lr_find_sweep/README.md. The model and optimizer state are thrown away: a real run starts fresh.
 """
 
 from __future__ import annotations
 
+from jaxcifar import interrupts
+
+if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends in one line from the start
+    interrupts.install("python -m jaxcifar.lr_find")
+
 import dataclasses
-import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,21 +25,26 @@ import jax
 import numpy as np
 import optax
 
-from jaxcifar import cli, optim, parallel, steps
-from jaxcifar.checkpoint import write_json
+import models
+from jaxcifar import cli, optim, parallel, sizing, steps
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import JaxcifarError
+from jaxcifar.files import write_json
 from jaxcifar.mixing import MixSpec
 from jaxcifar.state import create_train_state
+from jaxcifar.workdir import check_workdir
 
 SMOOTHING = 0.98
 DIVERGENCE = 4.0
+SKIP_START = 0.1  # fraction of the points the rules ignore at the start (fastai: num_it // 10)
+SKIP_END = 5  # points the rules ignore at the end (fastai: 5)
+RULE = "minimum"  # the rule whose LR is the suggestion
 
 
 @dataclasses.dataclass(frozen=True)
 class LRFindResult:
-    """LRs and losses per step (float arrays (T,)), the suggestion and how it was chosen."""
+    """LRs and losses per step (float arrays (T,)), the suggestion, how it was chosen and every rule's LR."""
 
     lrs: np.ndarray
     losses: np.ndarray
@@ -43,12 +53,14 @@ class LRFindResult:
     rule: str
     steepest: float
     stopped_early: bool
+    rules: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Returns a JSON-serializable dict (what ``lr_find.json`` holds)."""
         return {
             "suggestion": self.suggestion,
             "rule": self.rule,
+            "rules": dict(self.rules),
             "steepest": self.steepest,
             "stopped_early": self.stopped_early,
             "steps": len(self.lrs),
@@ -80,6 +92,42 @@ def valley(lrs: np.ndarray, losses: np.ndarray) -> float:
 def steepest(lrs: np.ndarray, losses: np.ndarray) -> float:
     """The LR where the smoothed loss falls fastest against log(LR) (fastai's "steep")."""
     return float(lrs[int(np.argmin(np.gradient(losses, np.log(lrs))))])
+
+
+def minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """The LR at the smoothed loss's minimum: the suggested onecycle max LR.
+
+    This is Leslie Smith's upper bound of the range test (the LR beyond which the loss stops falling),
+    which is what onecycle's peak wants: the schedule warms up from ``max / 25`` over 30 % of the run
+    and anneals after, and with BatchNorm the weights' norm grows during that warm-up, which lowers the
+    effective LR of every scale-invariant layer, so the run tolerates the LR at which this short,
+    cold test stops improving. fastai's ``valley`` (a point half-way along the longest decreasing stretch,
+    which includes the long flat start of a from-scratch test, so it moves with ``--lr-find-start``) and
+    ``minimum / 10`` target a fixed LR without warm-up (fine-tuning); on ResNet18 at width 16 they
+    suggested 12x-100x below the best LR of a peak-LR sweep (experiments/lr_find_sweep). The debiased
+    EMA lags the raw loss by a few steps, so this minimum lies a little past the raw one.
+    """
+    return float(lrs[int(np.argmin(losses))])
+
+
+def suggestions(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
+    """Every rule's LR for a smoothed range-test curve, after fastai's cut (first 10 %, last 5 points).
+
+    ``minimum`` (the suggestion, see ``minimum``), fastai's ``valley``, ``steepest`` and
+    ``minimum/10`` (fastai's ``minimum`` suggestion). Cuts less when the curve is too short to cut.
+    """
+    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
+    start, end = int(len(lrs) * SKIP_START), len(lrs) - SKIP_END
+    if end - start < 5:
+        start, end = 0, len(lrs)
+    lrs, losses = lrs[start:end], losses[start:end]
+    at_min = minimum(lrs, losses)
+    return {
+        "minimum": at_min,
+        "valley": valley(lrs, losses),
+        "steepest": steepest(lrs, losses),
+        "minimum/10": at_min / 10,
+    }
 
 
 def lr_find(
@@ -129,14 +177,16 @@ def lr_find(
     lr_ok, smooth_ok = lr_arr[finite], smooth_arr[finite]
     if len(lr_ok) < 5:
         raise JaxcifarError(f"LR range test diverged after {len(lr_ok)} steps; lower --lr-find-start ({start:g})")
+    rules = suggestions(lr_ok, smooth_ok)
     result = LRFindResult(
         lrs=lr_arr,
         losses=np.asarray(losses),
         smoothed=smooth_arr,
-        suggestion=valley(lr_ok, smooth_ok),
-        rule="valley",
-        steepest=steepest(lr_ok, smooth_ok),
+        suggestion=rules[RULE],
+        rule=RULE,
+        steepest=rules["steepest"],
         stopped_early=stopped,
+        rules=rules,
     )
     if out_dir is not None:
         from jaxcifar.plots import plot_lr_find
@@ -144,7 +194,9 @@ def lr_find(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "lr_find.json", result.to_dict())
-        plot_lr_find(result.lrs, result.smoothed, result.suggestion, result.steepest, path=out / "lr_find.png")
+        plot_lr_find(
+            result.lrs, result.smoothed, result.suggestion, result.steepest, path=out / "lr_find.png", rule=result.rule
+        )
     return result
 
 
@@ -160,14 +212,22 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the range test CLI; returns 0, or exits 1/2 with one error line."""
+    """Runs the range test CLI; returns 0, or exits 1/2/130 (Ctrl-C) with one line."""
     parser = build_parser()
     config = cli.parse_config(parser, argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = lr_find(config.replace(lr=0.1 if config.lr == "auto" else config.lr), out_dir=config.workdir)
-    except JaxcifarError as e:
-        cli.fail(parser.prog, str(e))
+    cli.configure_logging()
+    return cli.run_command(
+        parser.prog,
+        lambda: _run(config),
+        lambda: f"the range test did not finish; nothing written to {config.workdir}",
+    )
+
+
+def _run(config: Config) -> int:
+    check_workdir(config.workdir)
+    model = models.get_model(config.model, num_classes=config.num_classes, width=config.width)
+    sizing.check_fits(config, model, jax.devices()[:1])
+    result = lr_find(config.replace(lr=0.1 if config.lr == "auto" else config.lr), out_dir=config.workdir)
     note = " (stopped early: the loss diverged)" if result.stopped_early else ""
     print(f"ran {len(result.lrs)} steps from {config.lr_find_start:g} to {result.lrs[-1]:.3g}{note}")
     print(f"suggested max LR for onecycle: {result.suggestion:.3g} ({result.rule} rule)")
@@ -177,4 +237,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    interrupts.exit_with(main)

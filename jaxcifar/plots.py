@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from jaxcifar.files import save_figure
 from jaxcifar.gradcam import overlay
 
 History = Sequence[Mapping[str, Any]]
@@ -29,7 +30,7 @@ def _finish(fig: Figure, path: str | Path | None, dpi: int) -> Figure:
     """Saves ``fig`` as a PNG at ``path`` (if given, creating parent folders) and returns it."""
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, format="png")
+        save_figure(fig, path, dpi=dpi)
     return fig
 
 
@@ -220,10 +221,11 @@ def plot_lr_find(
     steepest: float | None = None,
     path: str | Path | None = None,
     dpi: int = 100,
+    rule: str | None = None,
 ) -> Figure:
     """LR range test: smoothed loss against LR (log x-axis), the suggested LR marked (and the steepest).
 
-    Returns the 6 x 4 inch Figure.
+    ``rule`` names how the suggestion was chosen, in its label. Returns the 6 x 4 inch Figure.
     """
     fig = Figure(figsize=(6, 4), dpi=dpi, layout="constrained")
     ax = fig.subplots()
@@ -231,7 +233,8 @@ def plot_lr_find(
     ax.plot(lrs_arr, losses_arr)
     ax.set_xscale("log")
     at = float(np.interp(np.log(suggestion), np.log(lrs_arr), losses_arr))
-    ax.plot([suggestion], [at], "o", color="tab:red", label=f"suggested max LR {suggestion:.2g} (valley)")
+    label = f"suggested max LR {suggestion:.2g}" + (f" ({rule})" if rule else "")
+    ax.plot([suggestion], [at], "o", color="tab:red", label=label)
     if steepest is not None:
         at = float(np.interp(np.log(steepest), np.log(lrs_arr), losses_arr))
         ax.plot([steepest], [at], "s", color="tab:green", label=f"steepest descent {steepest:.2g}")

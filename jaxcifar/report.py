@@ -12,9 +12,13 @@ the kuangliu/pytorch-cifar key layout (see ``jaxcifar.interop``), without the tr
 
 from __future__ import annotations
 
+from jaxcifar import interrupts
+
+if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends in one line from the start
+    interrupts.install("python -m jaxcifar.report")
+
 import dataclasses
-import logging
-import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +29,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxcifar import analysis, cli, gradcam, interop, optim, plots, transforms
-from jaxcifar.checkpoint import load_best, read_history, write_json
+from jaxcifar.checkpoint import load_best, saved_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, Split, load_dataset
-from jaxcifar.errors import CheckpointError, ConfigError, DataError, JaxcifarError
+from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileError
+from jaxcifar.files import ensure_dir, read_history, save_figure, write_json
 from jaxcifar.state import create_train_state
 from jaxcifar.trainer import build_model
 from models import available_models
@@ -50,12 +55,11 @@ class Report:
 def load_run_config(workdir: str | Path) -> Config:
     """Returns the Config saved in ``workdir/config.json`` (CheckpointError when absent or unreadable)."""
     path = Path(workdir) / "config.json"
+    if not Path(workdir).is_dir():
+        raise CheckpointError(f"--workdir {workdir}: no such folder")
     if not path.is_file():
         raise CheckpointError(f"--workdir {workdir}: no config.json (not a jaxcifar training workdir)")
-    try:
-        return Config.load(path)
-    except (ConfigError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from e
+    return saved_config(workdir)
 
 
 def load_best_variables(workdir: str | Path, config: Config, dataset: Dataset) -> tuple[dict[str, Any], dict]:
@@ -117,15 +121,23 @@ def make_report(
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
     if n < 1:
-        raise ConfigError("--n must be >= 1")
+        raise ConfigError(f"--n must be >= 1, got {n}")
+    out = Path(out_dir or workdir)
+    if out.exists() and not out.is_dir():
+        raise RunFileError(f"--out-dir {out} is a file, not a folder")
     config = config or load_run_config(workdir)
+    history = read_history(workdir) if training_curves else []
     dataset = dataset or load_dataset(config)
+    _split(dataset, split)
     meta: dict[str, Any] = {}
     if variables is None:
         variables, meta = load_best_variables(workdir, config, dataset)
     model = build_model(config)
     images_shape = (1, *dataset.test.images.shape[1:])
-    resolution = gradcam.check_layer(model, variables, images_shape, layer, allow_small_layer)
+    try:
+        resolution = gradcam.check_layer(model, variables, images_shape, layer, allow_small_layer)
+    except ValueError as e:
+        raise ConfigError(f"--layer {layer}: {e}") from None
 
     data = _split(dataset, split)
     probs, preds = analysis.predict(
@@ -138,7 +150,7 @@ def make_report(
 
     figures: dict[str, Figure] = {}
     if training_curves:
-        figures["curves"] = plots.plot_curves(read_history(workdir), dpi=dpi)
+        figures["curves"] = plots.plot_curves(history, dpi=dpi)
         figures["lr"] = plots.plot_lr(lr_per_step(config, len(dataset.train)), dpi=dpi)
     figures["misclassified"] = plots.plot_misclassified(
         mistakes.images, mistakes.true, mistakes.pred, mistakes.confidence, dataset.class_names, n=n, dpi=dpi
@@ -154,11 +166,10 @@ def make_report(
         )
     figures["confusion"] = plots.plot_confusion(confusion, dataset.class_names, dpi=dpi)
 
-    out = Path(out_dir or workdir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "--out-dir")
     paths = {name: out / f"{name}.png" for name in figures}
     for name, fig in figures.items():
-        fig.savefig(paths[name], dpi=dpi)
+        save_figure(fig, paths[name], dpi=dpi)
     summary = {
         "split": split,
         "tta": tta,
@@ -332,7 +343,7 @@ _TORCH_ONLY = ("model", "mean", "std", "subset")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the report CLI; returns 0, or exits 1 (user error) / 2 (bad flags) with one line."""
+    """Runs the report CLI; returns 0, or exits 1 (user error) / 2 (bad flags) / 130 (Ctrl-C) with one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.workdir is None) == (args.torch_checkpoint is None):
@@ -341,7 +352,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = [f"--{name}" for name in _TORCH_ONLY if getattr(args, name) is not None]
         if given:
             parser.error(f"{', '.join(given)} only go with --torch-checkpoint")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.n < 1:
+        parser.error(f"argument --n: must be >= 1, got {args.n}")
+    if args.subset is not None and args.subset < 1:
+        parser.error(f"argument --subset: must be >= 1, got {args.subset}")
+    cli.configure_logging()
+    if args.out_dir:
+        out = Path(args.out_dir)
+    elif args.workdir:
+        out = Path(args.workdir)
+    else:
+        out = Path(args.torch_checkpoint).with_name(f"{Path(args.torch_checkpoint).stem}_report")
+    started = time.time()
+
+    def interrupted() -> str:
+        names = [f"{name}.png" for name in FIGURES] + ["report.json"]
+        done = [n for n in names if (out / n).is_file() and (out / n).stat().st_mtime >= started]
+        written = f"{', '.join(done)} written (complete files)" if done else "no report file written"
+        return f"{written} in {out}"
+
+    return cli.run_command(parser.prog, lambda: _report(args), interrupted)
+
+
+def _report(args: Any) -> int:
     try:
         if args.torch_checkpoint is not None:
             report = make_torch_report(
@@ -372,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out_dir=args.out_dir,
                 tta=args.tta,
             )
-    except (JaxcifarError, ValueError) as e:
-        cli.fail(parser.prog, str(e))
+    except ConfigError as e:  # the library's hint names the Python argument; the CLI's flag is this one
+        raise ConfigError(str(e).replace("allow_small=True", "--allow-small-layer")) from None
     summary = report.summary
     tta = f" with TTA {summary['tta']}" if summary["tta"] != "none" else ""
     print(f"{summary['split']}: accuracy {100 * summary['accuracy']:.2f}% on {summary['images']} images{tta}")
@@ -383,4 +416,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    interrupts.exit_with(main)

@@ -83,8 +83,11 @@ _MIN_CHUNK = 32  # a batch with no divisor between this and CPU_EVAL_CHUNK runs 
 
 
 def eval_chunk(mesh: Mesh | None = None) -> int | None:
-    """Returns the eval forward chunk: ``CPU_EVAL_CHUNK`` on one CPU device, None (whole batch) else."""
-    if mesh is not None or jax.default_backend() != "cpu" or jax.device_count() > 1:
+    """Returns the eval forward chunk: ``CPU_EVAL_CHUNK`` when the step runs on one CPU device (a
+    one-device ``mesh``, as ``fit`` builds on a 1-CPU machine, or no mesh and one device), else None
+    (the whole batch)."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+    if len(devices) > 1 or devices[0].platform != "cpu":
         return None
     return CPU_EVAL_CHUNK
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import sys
+from jaxcifar import interrupts
+
+if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends in one line from the start
+    interrupts.install("python -m jaxcifar.train")
+
 from collections.abc import Sequence
 
 from jaxcifar import cli
-from jaxcifar.errors import JaxcifarError
 from jaxcifar.trainer import fit
+from jaxcifar.workdir import describe_saved
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -25,17 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (0 ok, 1 user error, 2 bad flags, 130 interrupted)."""
     parser = build_parser()
     config = cli.parse_config(parser, argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    cli.configure_logging()
+
+    def run() -> int:
         fit(config)
-    except JaxcifarError as e:
-        cli.fail(parser.prog, str(e))
-    except KeyboardInterrupt:
-        cli.fail(
-            parser.prog, f"interrupted; finished epochs are saved in {config.workdir}: rerun with --resume", code=130
-        )
-    return 0
+        return 0
+
+    return cli.run_command(parser.prog, run, lambda: describe_saved(config.workdir))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    interrupts.exit_with(main)

@@ -22,13 +22,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import models
-from jaxcifar import optim, parallel, steps
-from jaxcifar.checkpoint import Checkpointer, check_resumable, has_checkpoint
+from jaxcifar import optim, parallel, sizing, steps
+from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, Split, load_dataset
-from jaxcifar.errors import CheckpointError, JaxcifarError
+from jaxcifar.errors import CheckpointError, ConfigError, DataError, DivergedError
+from jaxcifar.files import ensure_dir
 from jaxcifar.mixing import MixSpec
 from jaxcifar.state import TrainState, create_train_state, param_count
+from jaxcifar.workdir import WorkdirLock, check_not_in_use, check_workdir, saved_epochs
 from jaxcifar.writers import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,7 @@ def _write_report(config: Config, dataset: Dataset, writer: MetricWriter, verbos
     report = make_report(config.workdir, dataset=dataset, config=config, tta=config.tta)
     epoch = len(writer.history)
     for name, figure in report.figures.items():
-        writer.tb.add_image(f"report/{name}", figure_to_array(figure), epoch, dataformats="HWC")
-    writer.tb.flush()
+        writer.write_image(f"report/{name}", figure_to_array(figure), epoch)
     summary = report.summary
     _echo(
         f"report: {summary['split']} accuracy {100 * summary['accuracy']:.2f}% (best checkpoint), "
@@ -139,13 +140,8 @@ def _write_report(config: Config, dataset: Dataset, writer: MetricWriter, verbos
 
 
 def _resolve_auto_lr(config: Config, dataset: Dataset, verbose: bool) -> Config:
-    """Returns ``config`` with ``lr`` set: from the workdir's saved config when resuming, else from
-    the LR range test (``jaxcifar.lr_find``), whose files go to the workdir."""
-    saved = Path(config.workdir) / "config.json"
-    if config.resume and has_checkpoint(config.workdir) and saved.exists():
-        lr = Config.load(saved).lr
-        _echo(f"lr: {lr:.3g} (found by the LR range test when this run started)", verbose)
-        return config.replace(lr=lr)
+    """Returns ``config`` with ``lr`` set by the LR range test (``jaxcifar.lr_find``), whose files go
+    to the workdir."""
     from jaxcifar.lr_find import lr_find
 
     found = lr_find(config, dataset, out_dir=config.workdir, verbose=verbose)
@@ -153,35 +149,164 @@ def _resolve_auto_lr(config: Config, dataset: Dataset, verbose: bool) -> Config:
     return config.replace(lr=found.suggestion)
 
 
+def _check_resume(config: Config, workdir: Path, verbose: bool) -> tuple[Config, dict[str, Any] | None]:
+    """Returns (the config to run, the newest checkpoint's metadata, or None for a fresh run).
+
+    Raises CheckpointError when the workdir holds a run and ``--resume`` is not given, or a live run
+    holds it; ConfigError when the saved run differs in a field that changes training
+    (``checkpoint.resume_config``)."""
+    check_not_in_use(workdir)
+    if not has_checkpoint(workdir):
+        if config.resume:
+            _echo(f"resume: no checkpoint in {workdir}, starting from scratch", verbose)
+        return config, None
+    if not config.resume:
+        raise CheckpointError(
+            f"--workdir {workdir} already holds a run; pass --resume to continue it or choose another --workdir"
+        )
+    config = resume_config(workdir, config)
+    meta = read_meta(workdir)
+    if meta is None:
+        raise CheckpointError(f"{workdir}/checkpoints: no checkpoint with readable metadata")
+    return config, meta
+
+
+class Restored(NamedTuple):
+    """Where a resumed run stands: its newest intact checkpoint, and the newer ones that were unreadable."""
+
+    state: TrainState
+    history: list[dict[str, Any]]
+    best: float
+    steps_per_epoch: int
+    unreadable: list[int]
+
+
+def _restore(config: Config, model: Any, meta: dict[str, Any], mesh: Any, workdir: Path) -> Restored:
+    """Returns the newest intact checkpoint of ``workdir`` (an unreadable newer one is named and skipped)."""
+    steps_per_epoch = int(meta["step"]) // int(meta["epoch"])
+    tx, _ = optim.make_training_optimizer(config, steps_per_epoch)
+    template = create_train_state(model, tx, config.seed, ema=config.ema_decay is not None)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        restored = checkpointer.restore_latest(template)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"{workdir}/checkpoints: no checkpoint to resume")
+    state, meta = restored
+    state = jax.device_put(state, parallel.replicated(mesh))
+    return Restored(state, list(meta["history"]), float(meta["best"]), steps_per_epoch, checkpointer.unreadable)
+
+
+# A mean cross-entropy above this many times the loss of a uniform guess (ln K nats) means the true
+# class gets a probability below K^-100: the run has diverged even if the loss is still finite.
+DIVERGED_LOSS_FACTOR = 100.0
+
+
+def _check_finite(what: str, loss: float, num_classes: int, epoch: int, step: int, workdir: Path) -> None:
+    """Raises DivergedError when ``loss`` is nan/inf or beyond ``DIVERGED_LOSS_FACTOR * ln(num_classes)``."""
+    if math.isfinite(loss) and loss <= DIVERGED_LOSS_FACTOR * math.log(num_classes):
+        return
+    epoch_saved = saved_epochs(workdir)
+    last = (
+        f"the last good checkpoint is epoch {epoch_saved} in {workdir / 'checkpoints'}"
+        if epoch_saved
+        else "no epoch was saved"
+    )
+    raise DivergedError(
+        f"training diverged: {what} is {loss:.4g} at epoch {epoch}, step {step}; stopped, {last}. Start a new run "
+        "with a lower --lr (or --grad-clip)"
+    )
+
+
 def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True) -> FitResult:
     """Trains ``config.model`` as configured and returns ``FitResult(state, history)``.
 
     Writes ``config.json``, ``history.json``, checkpoints and TensorBoard events to
-    ``config.workdir``. With ``config.resume`` it continues from the latest checkpoint (same
-    result as an uninterrupted run). ``dataset`` overrides loading from ``config``'s source.
-    Raises ``JaxcifarError`` subclasses on user errors, before anything in the workdir changes.
+    ``config.workdir``, holding its lock (``workdir.WorkdirLock``) while it runs. With
+    ``config.resume`` it continues from the newest intact checkpoint (same result as an
+    uninterrupted run); every field that changes training must equal the saved config, and a
+    finished run is returned as it is. ``dataset`` overrides loading from ``config``'s source.
+    Each epoch's checkpoint is committed before ``history.json`` lists the epoch. Raises
+    ``JaxcifarError`` subclasses on user errors (before anything in the workdir changes), and
+    ``DivergedError`` when the loss becomes non-finite (the diverged epoch is not saved).
     """
-    workdir = Path(config.workdir)
-    existing = has_checkpoint(workdir)
-    if existing and not config.resume:
-        raise CheckpointError(
-            f"--workdir {workdir} already holds a run; pass --resume to continue it or choose another --workdir"
-        )
-    if existing:
-        check_resumable(workdir, config)
-
+    workdir = check_workdir(config.workdir)
+    config, meta = _check_resume(config, workdir, verbose)
     if config.distributed:
         parallel.initialize_distributed()
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_divisible(config.batch_size, mesh, "--batch-size")
     parallel.check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
+    model = build_model(config)
+    sizing.check_fits(config, model, list(mesh.devices.flat))
+    restored = None
+    if meta is not None:
+        restored = _restore(config, model, meta, mesh, workdir)
+        state, history = restored.state, restored.history
+        if len(history) >= config.epochs:
+            _echo(
+                f"already finished: {len(history)}/{config.epochs} epochs in {workdir}; nothing to do (a longer run "
+                f"is a new run in another --workdir; python -m jaxcifar.report --workdir {workdir} writes the report)",
+                verbose,
+            )
+            return FitResult(state, history)
+
     _echo(parallel.describe(mesh), verbose)
     if dataset is None:
         dataset = load_dataset(config)
     if dataset.num_classes != config.num_classes:
-        raise JaxcifarError(
+        raise ConfigError(
             f"dataset has {dataset.num_classes} classes, --dataset {config.dataset} needs {config.num_classes}"
         )
+    steps_per_epoch = len(dataset.train) // config.batch_size
+    if restored is not None and restored.steps_per_epoch != steps_per_epoch:
+        raise DataError(
+            f"--resume {workdir}: the run made {restored.steps_per_epoch} steps per epoch, this data gives "
+            f"{steps_per_epoch} ({len(dataset.train)} training images): is --data-dir the data the run started with?"
+        )
+    if config.lr == "auto":
+        config = _resolve_auto_lr(config, dataset, verbose)
+    tx, schedule = optim.make_training_optimizer(config, steps_per_epoch)
+    if restored is None:
+        state = create_train_state(model, tx, config.seed, ema=config.ema_decay is not None)
+        state, history, best = jax.device_put(state, parallel.replicated(mesh)), [], -1.0
+    else:
+        state, history, best = restored.state, restored.history, restored.best
+        _echo(f"resume: epoch {len(history)} (step {int(state.step)}) from {workdir}", verbose)
+
+    is_main = jax.process_index() == 0  # only one host writes files
+    ensure_dir(workdir, "--workdir")
+    lock = WorkdirLock(workdir) if is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if is_main and restored is None:
+            config.save(workdir / "config.json")
+        unreadable = restored.unreadable if restored is not None else []
+        return _train(config, dataset, state, history, best, unreadable, schedule, mesh, workdir, is_main, verbose)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    config: Config,
+    dataset: Dataset,
+    state: TrainState,
+    history: list[dict[str, Any]],
+    best: float,
+    unreadable: list[int],
+    schedule: Any,
+    mesh: Any,
+    workdir: Path,
+    is_main: bool,
+    verbose: bool,
+) -> FitResult:
+    """The run proper, under the workdir's lock: compile, the epochs from ``len(history) + 1``, the report.
+
+    ``state``, ``history`` and ``best`` are where the run stands (fresh, or restored); the ``unreadable``
+    checkpoint steps found by the restore are moved aside first."""
     on_all = parallel.replicated(mesh)
     train = DeviceSplit.put(dataset.train, on_all)
     evals = {"test": DeviceSplit.put(dataset.test, on_all)}
@@ -192,34 +317,17 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
         f"{len(dataset.test)} images, {dataset.num_classes} classes",
         verbose,
     )
-
-    steps_per_epoch = len(train) // config.batch_size
-    if config.lr == "auto":
-        config = _resolve_auto_lr(config, dataset, verbose)
-    tx, schedule = optim.make_training_optimizer(config, steps_per_epoch)
-    model = build_model(config)
-    use_ema = config.ema_decay is not None
-    state = jax.device_put(create_train_state(model, tx, config.seed, ema=use_ema), on_all)
     _echo(
         f"model: {config.model} width {config.width}, {param_count(state.params):,} parameters, {config.dtype}", verbose
     )
-
-    workdir.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = len(train) // config.batch_size
+    use_ema = config.ema_decay is not None
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    history: list[dict[str, Any]] = []
-    best = -1.0
-    if config.resume:
-        restored = checkpointer.restore_latest(state)
-        if restored is None:
-            _echo(f"resume: no checkpoint in {workdir}, starting from scratch", verbose)
-        else:
-            state, meta = jax.device_put(restored[0], on_all), restored[1]
-            history, best = list(meta["history"]), float(meta["best"])
-            _echo(f"resume: epoch {len(history)} (step {int(state.step)}) from {workdir}", verbose)
-    is_main = jax.process_index() == 0  # only one host writes files
     if is_main:
-        config.save(workdir / "config.json")
+        checkpointer.unreadable = list(unreadable)
+        checkpointer.set_aside_unreadable()
     writer = MetricWriter(workdir, history, enabled=is_main)
+    writer.write_history()  # matches the checkpoint resumed from (an older one when the newest was broken)
 
     mix = MixSpec(
         config.mixup_alpha,
@@ -274,6 +382,11 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
                 if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
                     host = jax.device_get(sums)
                     loss, acc = host["loss_sum"] / host["count"], host["correct"] / host["count"]
+                    if not math.isfinite(loss) or loss > DIVERGED_LOSS_FACTOR * math.log(dataset.num_classes):
+                        bar.close()
+                        _check_finite(
+                            "the train loss", float(loss), dataset.num_classes, epoch, int(state.step), workdir
+                        )
                     lr = float(schedule(int(state.step) - 1))
                     bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * acc:.2f}%", lr=f"{lr:.2e}", refresh=False)
                     writer.write_scalar("loss/train_running", float(loss), int(state.step))
@@ -291,6 +404,12 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
                 for name, split in evals.items():
                     result = evaluate(state, split, eval_step, config.eval_batch_size, eval_rows[name], gather)
                     record[f"{prefix}{name}_loss"], record[f"{prefix}{name}_acc"] = result["loss"], result["acc"]
+            _check_finite("the train loss", record["train_loss"], dataset.num_classes, epoch, record["step"], workdir)
+            for key, value in record.items():  # eval losses: a non-finite one would make a non-finite "best"
+                if key.endswith("_loss") and not math.isfinite(value):
+                    _check_finite(
+                        f"the {key.replace('_', ' ')}", value, dataset.num_classes, epoch, record["step"], workdir
+                    )
             record["lr"] = float(schedule(int(state.step) - 1))
             record["train_seconds"] = train_done - start
             record["eval_seconds"] = time.perf_counter() - train_done
@@ -299,16 +418,15 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
                 record["tta"] = config.tta
             if mix.enabled:
                 record["train_acc_of"] = "dominant label"
-            writer.write_epoch(record)
             prefix = "ema_" if use_ema else ""
             selection = record.get(f"{prefix}val_acc", record[f"{prefix}test_acc"])
             is_best = selection > best
             best = max(best, selection)
-            meta = {"epoch": epoch, "step": int(state.step), "history": writer.history, "best": best}
-            checkpointer.save(state, meta, is_best)
+            meta = {"epoch": epoch, "step": int(state.step), "history": [*writer.history, record], "best": best}
+            checkpointer.save(state, meta, is_best)  # committed before history.json lists the epoch
+            writer.write_epoch(record)
             _echo(_summary_line(record, config.epochs), verbose)
         if config.report and is_main:
-            checkpointer.wait()
             _write_report(config, dataset, writer, verbose)
     finally:
         checkpointer.close()

@@ -55,7 +55,7 @@ def test_defaults_reproduce_the_assignment_run():
         (["--cutmix-alpha", "-1"], "--cutmix-alpha must be >= 0"),
         (["--mix-prob", "1.5"], "--mix-prob must be in [0, 1]"),
         (["--tta", "rotate"], "--tta: invalid choice: 'rotate'"),
-        (["--lr", "fast"], "--lr/--max-lr: invalid value 'fast': a number or auto"),
+        (["--lr", "fast"], "--lr/--max-lr: invalid value 'fast': a finite number or auto"),
         (["--cycle-momentum", "--schedule", "cosine"], "--cycle-momentum needs --schedule onecycle"),
     ],
 )
@@ -85,13 +85,13 @@ def test_more_devices_than_present(capsys, tmp_path):
     code, err = run_main(
         ["--data-source", "synthetic", "--num-devices", "64", "--workdir", str(tmp_path / "w")], capsys
     )
-    assert code == 1 and "--num-devices 64: only" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--num-devices 64: only" in err and len(err.strip().splitlines()) == 1
 
 
 def test_too_few_steps_for_onecycle(capsys, tmp_path):
     argv = ["--data-source", "synthetic", "--train-subset", "64", "--batch-size", "64", "--epochs", "1"]
     code, err = run_main([*argv, "--workdir", str(tmp_path / "w")], capsys)
-    assert code == 1 and "--schedule onecycle needs more than 3 steps" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--schedule onecycle needs more than 3 steps" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unreadable_image(capsys, tmp_path):
@@ -111,7 +111,7 @@ def test_resume_with_another_model_leaves_workdir_intact(synthetic_run, capsys):
     code, err = run_main(
         ["--data-source", "synthetic", "--model", "resnet34", "--workdir", config.workdir, "--resume"], capsys
     )
-    assert code == 1 and "cannot resume" in err and "--model resnet18 (workdir) vs resnet34 (now)" in err
+    assert code == 2 and "the saved run differs in" in err and "--model resnet18 (saved) vs resnet34 (now)" in err
     assert {p: p.read_bytes() for p in Path(config.workdir).rglob("*") if p.is_file()} == snapshot
 
 

@@ -151,3 +151,265 @@ def test_shared_real_images_load(shared_data_dir):
     assert np.bincount(data.test.labels).tolist() == [10] * 10
     # real photos: per-channel means near CIFAR's
     np.testing.assert_allclose(data.train.images.mean((0, 1, 2)) / 255, data.mean, atol=0.06)
+
+
+# ------------------------------------------------------------------ data that is not what it seems
+
+
+def _entries(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_auto_names_the_parent_when_data_dir_is_one_level_too_deep(tmp_path):
+    write_folder(tmp_path, per_class=1)
+    before = _entries(tmp_path)
+    with pytest.raises(DataError) as error:
+        load_dataset(Config(data_dir=str(tmp_path / "train")))  # auto: used to fall back to tfds
+    assert str(error.value) == (
+        f"--data-dir {tmp_path / 'train'}: no train/ and test/ class folders in it; it holds 10 folders named "
+        f"airplane, automobile, bird, cat, ...: did you mean {tmp_path}?"
+    )
+    with pytest.raises(DataError, match=rf"did you mean {tmp_path}\?$"):  # two levels: one class's images
+        load_dataset(Config(data_dir=str(tmp_path / "train" / "cat")))
+    with pytest.raises(DataError) as error:
+        load_dataset(Config(data_source="folder", data_dir=str(tmp_path / "test")))
+    assert str(error.value) == (
+        f"--data-dir {tmp_path / 'test'}: missing train/ folder (expected train/CLASS/*.jpg and test/CLASS/*.jpg "
+        f"(.png/.jpg/.jpeg) under it); it holds 10 folders named airplane, automobile, bird, cat, ...: did you mean "
+        f"{tmp_path}?"
+    )
+    assert _entries(tmp_path) == before  # nothing built or written into the folders
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("empty", r"{d}: it is empty; expected an image-folder tree \(train/CLASS/\*\.jpg and test/CLASS/\*\.jpg\)"),
+        ("file", r"{d}: a file that is not a cifar python tarball \(\.tar\.gz/\.tgz\); expected an image-folder"),
+        ("train only", r"{d}: has train/ but no test/ folder; expected an image-folder tree"),
+        (
+            "one level up",
+            r"{d}: no train/ and test/ class folders in it; it holds 1 folder named cifar10-jpeg: "
+            r"did you mean {d}/cifar10-jpeg\?$",
+        ),
+        (
+            "other",
+            r"{d}: no train/ and test/ class folders and no cifar python files in it; it holds 1 folder named "
+            r"runs and 1 file named notes\.txt; expected an image-folder tree",
+        ),
+    ],
+)
+def test_auto_never_falls_back_to_tfds_with_a_data_dir(tmp_path, monkeypatch, layout, message):
+    monkeypatch.setattr(sources, "read_tfds", lambda *a, **k: pytest.fail("fell back to tfds"))
+    data_dir = tmp_path / "data"
+    if layout == "file":
+        data_dir.write_text("not data")
+    elif layout == "train only":
+        write_folder(data_dir, per_class=1)
+        for p in sorted((data_dir / "test").rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (data_dir / "test").rmdir()
+    else:
+        data_dir.mkdir()
+        if layout == "one level up":
+            write_folder(data_dir / "cifar10-jpeg", per_class=1)
+        elif layout == "other":
+            (data_dir / "runs").mkdir()
+            (data_dir / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=message.format(d=data_dir)) as error:
+        load_dataset(Config(data_dir=str(data_dir)))
+    assert str(error.value).startswith(f"--data-dir {data_dir}") and "\n" not in str(error.value)
+
+
+def test_folder_source_with_a_file_or_a_bad_folder(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(DataError, match=r"x\.txt: a file, not a folder; --data-source folder expected train/CLASS/"):
+        load_dataset(Config(data_source="folder", data_dir=str(tmp_path / "x.txt")))
+    with pytest.raises(DataError, match=r": missing train/ folder \(expected .*\); it holds 1 file named x\.txt$"):
+        load_dataset(Config(data_source="folder", data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("empty train class", r"{d}/train/cat: class folder without \.png/\.jpg/\.jpeg images \(it is empty\); every"),
+        ("empty test class", r"{d}/test/cat: class folder without \.png/\.jpg/\.jpeg images \(it is empty\)"),
+        ("only non-images", r"{d}/train/cat: class folder without .* \(it holds 1 file named 0\.gif\)"),
+        ("class missing in test", r"{d}: train/ and test/ class folders differ: train/ has cat that test/ lacks$"),
+    ],
+)
+def test_empty_or_missing_class_folders_are_refused(tmp_path, damage, message):
+    write_folder(tmp_path, per_class=2)
+    split = "test" if damage in ("empty test class", "class missing in test") else "train"
+    for image in (tmp_path / split / "cat").iterdir():
+        image.unlink()
+    if damage == "only non-images":
+        (tmp_path / split / "cat" / "0.gif").write_bytes(b"GIF89a")
+    if damage == "class missing in test":
+        (tmp_path / split / "cat").rmdir()
+    # used to train (empty class: 9 classes' images with 10 logits) and end with NaN per-class accuracies
+    with pytest.raises(DataError, match=message.format(d=tmp_path)):
+        load_dataset(Config(data_dir=str(tmp_path), batch_size=2))
+
+
+def test_hidden_files_in_class_folders_are_not_images(tmp_path):
+    write_folder(tmp_path, per_class=2)
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble sidecar
+    data = load_dataset(Config(data_dir=str(tmp_path), batch_size=2))
+    assert len(data.train) == 20
+
+
+def _damage(tarball: Path, how: str) -> None:
+    """Breaks a valid cifar python tarball the way downloads break."""
+    blob = tarball.read_bytes()
+
+    def flip(offset: int, n: int = 16) -> bytes:
+        return blob[:offset] + bytes(b ^ 0xFF for b in blob[offset : offset + n]) + blob[offset + n :]
+
+    if how == "truncated":  # an interrupted download: EOFError inside gzip
+        blob = blob[: len(blob) // 2]
+    elif how == "garbled start":  # a damaged deflate stream: zlib.error (as tarfile.ReadError)
+        blob = flip(100)
+    elif how == "garbled middle":  # flipped bytes in stored data: only the gzip CRC at the end tells
+        blob = flip(len(blob) // 2)
+    elif how == "garbled trailer":  # the gzip CRC/length trailer itself
+        blob = flip(len(blob) - 4, 4)
+    elif how == "html":  # an error page saved under the tarball's name: tarfile.ReadError
+        blob = b"<html><body>503 Service Unavailable</body></html>"
+    tarball.write_bytes(blob)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled start", "garbled middle", "garbled trailer", "html"])
+def test_broken_cifar_python_tarball_names_the_file(tmp_path, how):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    _cifar_python_tarball(tarball, n_per_batch=200)
+    _damage(tarball, how)
+    with pytest.raises(DataError) as error:
+        load_dataset(Config(data_dir=str(tarball), batch_size=4))
+    message = str(error.value)
+    assert message.startswith(f"{tarball}: truncated or corrupt cifar python release (") and "\n" not in message
+    assert message.endswith(
+        "delete it and download it again (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, "
+        f"or --download into {sources.default_cache_dir()})"
+    )
+
+
+def test_corrupt_pickle_in_tarball_or_folder_names_the_member(tmp_path):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
+            blob = (
+                pickle.dumps({"label_names": list(CLASSES)})[:-5]
+                if name == "data_batch_3"
+                else pickle.dumps(
+                    {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "label_names": list(CLASSES)}
+                )
+            )
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(DataError, match=rf"{tarball} \(data_batch_3\): truncated or corrupt .*\(UnpicklingError"):
+        load_dataset(Config(data_dir=str(tarball), batch_size=2))
+    folder = tmp_path / "unpacked"
+    with tarfile.open(tarball) as tar:
+        tar.extractall(folder, filter="data")
+    with pytest.raises(DataError, match=r"\(data_batch_3\): truncated or corrupt .*; delete the folder and unpack"):
+        load_dataset(Config(data_dir=str(folder), batch_size=2))
+
+
+def test_cifar_python_batches_of_the_wrong_shape_or_labels(tmp_path):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
+            labels = [3, 12] if name == "test_batch" else [0, 1]
+            blob = pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": labels, "label_names": list(CLASSES)})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(DataError, match=r"cifar-python test labels must be in \[0, 10\) for 10 classes; found 1"):
+        load_dataset(Config(data_dir=str(tarball), batch_size=2))
+
+
+def test_cache_dir_that_is_a_file(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(cache))
+    with pytest.raises(DataError) as error:
+        load_dataset(Config(data_source="cifar-python", download=True))
+    assert str(error.value) == (
+        f"cache folder {cache} is a file, not a folder: set JAXCIFAR_CACHE_DIR to a folder (or unset it for "
+        "~/.cache/jaxcifar)"
+    )
+    assert cache.read_text() == "not a folder"
+
+
+def test_tfds_runtime_dependency_is_declared(tmp_path):
+    """tensorflow-datasets 4.9.10 imports importlib_resources to build a dataset without declaring it.
+
+    ``code_path`` is what ``download_and_prepare`` reads first (for the checksums); it raised
+    ModuleNotFoundError in a fresh venv (experiments/tfds_arrayrecord/fresh_venv.log).
+    """
+    import tomllib
+
+    assert tfds.builder("cifar10", data_dir=str(tmp_path)).code_path.name == "cifar.py"
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(d.replace("-", "_").startswith("importlib_resources") for d in project["dependencies"])
+    assert _entries(tmp_path) == []
+
+
+def test_tfds_without_prepared_data_or_tensorflow_fails_at_once(tmp_path, monkeypatch):
+    find_spec = sources.importlib.util.find_spec
+    monkeypatch.setattr(
+        sources.importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)
+    )
+    with pytest.raises(DataError) as error:  # used to download for a build that cannot run (minutes of retries)
+        load_dataset(Config(data_source="tfds", data_dir=str(tmp_path)))
+    assert str(error.value).startswith(
+        f"no prepared tfds cifar10/train (ArrayRecord) in --data-dir {tmp_path} (no cifar10/VERSION/dataset_info.json)"
+        "; building it needs TensorFlow"
+    )
+    assert _entries(tmp_path) == []
+    write_folder(tmp_path / "jpeg", per_class=1)
+    with pytest.raises(DataError, match=r"holds an image-folder tree, not tfds data: use --data-source folder"):
+        load_dataset(Config(data_source="tfds", data_dir=str(tmp_path / "jpeg")))
+
+
+class _BulkOnlySource:
+    """A data source that counts bulk reads and refuses single-record reads."""
+
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(0)
+        self.images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        self.labels = rng.integers(0, 10, n)
+        self.calls: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        raise AssertionError("one call per record")
+
+    def __getitems__(self, keys):
+        self.calls.append(len(keys))
+        return [{"image": self.images[k], "label": self.labels[k], "id": f"x{k}"} for k in keys]
+
+
+def test_tfds_split_is_read_in_bulk():
+    source = _BulkOnlySource(12_345)
+    images, labels = sources.read_tfds_split(source)
+    assert source.calls == [5000, 5000, 2345]
+    np.testing.assert_array_equal(images, source.images)
+    np.testing.assert_array_equal(labels, source.labels)
+    assert images.dtype == np.uint8 and labels.dtype == np.int32
+
+
+def test_auto_recognizes_a_prepared_tfds_data_dir(tmp_path):
+    from jaxcifar.data import resolve_source
+
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"it holds 1 folder named cifar10; expected"):  # no dataset_info.json yet
+        resolve_source(Config(data_dir=str(tmp_path)))
+    (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+    assert resolve_source(Config(data_dir=str(tmp_path))) == "tfds"
+    with pytest.raises(DataError, match=r"no train/ and test/ class folders .* holds 1 folder named cifar10"):
+        resolve_source(Config(data_dir=str(tmp_path), dataset="cifar100"))

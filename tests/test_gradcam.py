@@ -229,6 +229,38 @@ def test_unknown_layer_and_bad_targets_are_rejected(setup):
         gradcam.grad_cam(model, variables, images, targets=[1, 2])
 
 
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        ([0, 1, 2, 3, 15], r"targets must be classes in \[0, 10\), got \[15\]"),  # was an all-zero map
+        ([0, -1, 2, 3, 4], r"targets must be classes in \[0, 10\), got \[-1\]"),  # was wrapped to class 9
+        ([0.0, 1.7, 2.0, 3.0, 4.0], r"targets must be integer classes in \[0, 10\), got float64"),  # was truncated
+    ],
+)
+def test_targets_out_of_range_or_not_integers_are_rejected(setup, targets, message):
+    model, variables, images = setup
+    with pytest.raises(ValueError, match=message) as error:
+        gradcam.grad_cam(model, variables, images, targets=targets)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, message",
+    [
+        ((2, 3, 32, 32), jnp.float32, r"images must be \(B, H, W, 3\) \(NHWC\), got shape \(2, 3, 32, 32\) \(NCHW\?"),
+        ((2, 32, 32, 1), jnp.float32, r"images must be \(B, H, W, 3\) \(NHWC\), got shape \(2, 32, 32, 1\)$"),
+        ((0, 32, 32, 3), jnp.float32, r"at least one image .* got an empty batch \(0, 32, 32, 3\)"),
+        ((2, 32, 32, 3), jnp.uint8, r"images must be normalized floats .* got uint8"),
+        ((32, 32, 3), jnp.float32, r"images must be \(B, H, W, 3\) \(NHWC\), got shape \(32, 32, 3\)"),
+    ],
+)
+def test_images_that_are_not_a_float_nhwc_batch_are_rejected(setup, shape, dtype, message):
+    model, variables, _ = setup
+    with pytest.raises(ValueError, match=message) as error:
+        gradcam.grad_cam(model, variables, jnp.zeros(shape, dtype))
+    assert "\n" not in str(error.value)
+
+
 # ----------------------------------------------------------------------------- overlay
 
 

@@ -129,6 +129,58 @@ def test_wrong_architecture_names_the_right_one() -> None:
         interop.load_torch_state_dict([1, 2], "resnet18")  # type: ignore[arg-type]
 
 
+def _malformed(change: str) -> dict:
+    """A width-4 ResNet18 state_dict with one malformation (see test_malformed_state_dicts_fail_with_one_line)."""
+    state_dict = _kuangliu_numpy(_random_variables("resnet18", width=4))
+    if change == "int key":
+        state_dict[1] = np.zeros(3, np.float32)
+    elif change == "str value":
+        state_dict["conv1.weight"] = "abc"
+    elif change == "None value":
+        state_dict["linear.weight"] = None
+    elif change == "string array":
+        state_dict["bn1.weight"] = np.array(["a"] * 4)
+    elif change == "conv1 rank 1":
+        state_dict["conv1.weight"] = np.zeros(4, np.float32)
+    elif change == "linear scalar":
+        state_dict["linear.weight"] = np.float32(1.0)
+    elif change == "width 0":
+        state_dict["conv1.weight"] = np.zeros((0, 3, 3, 3), np.float32)
+    elif change == "classes 0":
+        state_dict["linear.weight"] = np.zeros((0, 32), np.float32)
+    return state_dict
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("int key", r"keys must be parameter names \(str, e\.g\. 'conv1\.weight'\), got int 1$"),  # AttributeError
+        ("str value", r"values must be tensors or arrays of real numbers: conv1\.weight is str$"),  # IndexError
+        ("None value", r"values must be tensors or arrays of real numbers: linear\.weight is NoneType$"),  # IndexError
+        ("string array", r"bn1\.weight is ndarray of <U1$"),  # ValueError from NumPy
+        ("conv1 rank 1", r"conv1\.weight must have shape \(width, 3, 3, 3\) .* got \(4,\)$"),
+        ("linear scalar", r"linear\.weight must have shape \(classes, features\) .* got \(\)$"),  # IndexError
+        ("width 0", r"conv1\.weight must have shape \(width, 3, 3, 3\) .* got \(0, 3, 3, 3\)$"),  # ZeroDivisionError
+        ("classes 0", r"linear\.weight must have shape \(classes, features\) .* got \(0, 32\)$"),  # ZeroDivisionError
+    ],
+)
+def test_malformed_state_dicts_fail_with_one_line(change: str, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message) as error:
+        interop.load_torch_state_dict(_malformed(change))
+    assert "\n" not in str(error.value)
+
+
+def test_empty_state_dict_and_bad_model_kwargs() -> None:
+    for model_name in (None, "resnet18"):
+        with pytest.raises(CheckpointError, match=r"state_dict is empty: expected kuangliu ResNet keys"):
+            interop.load_torch_state_dict({}, model_name)
+    state_dict = _kuangliu_numpy(_random_variables("resnet18", width=4))
+    with pytest.raises(CheckpointError, match=r"width must be an integer >= 1, got 0"):
+        interop.load_torch_state_dict(state_dict, "resnet18", width=0)  # ZeroDivisionError before
+    with pytest.raises(CheckpointError, match=r"num_classes must be an integer >= 1, got 2\.5"):
+        interop.load_torch_state_dict(state_dict, "resnet18", num_classes=2.5)
+
+
 def test_core_never_imports_torch() -> None:
     code = (
         "import sys, jaxcifar, jaxcifar.interop, jaxcifar.report, jaxcifar.gradcam, jaxcifar.train, models; "
@@ -197,8 +249,8 @@ def test_report_cli_torch_flag_errors(tmp_path, capsys) -> None:
         (["--workdir", str(tmp_path), "--model", "resnet18"], 2, "--model only go with --torch-checkpoint"),
         (["--torch-checkpoint", str(checkpoint), "--model", "resnet18"], 1, "look like resnet34"),
         (["--torch-checkpoint", str(tmp_path / "none.pth")], 1, "not found"),
-        (["--torch-checkpoint", str(checkpoint), "--split", "val"], 1, "test or train"),
-        (["--torch-checkpoint", str(checkpoint), "--std", "0.2", "0", "0.2"], 1, "--std needs 3 values"),
+        (["--torch-checkpoint", str(checkpoint), "--split", "val"], 2, "test or train"),
+        (["--torch-checkpoint", str(checkpoint), "--std", "0.2", "0", "0.2"], 2, "--std needs 3 values"),
     ]
     for argv, code, text in cases:
         with pytest.raises(SystemExit) as exit_info:

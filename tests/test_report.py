@@ -63,10 +63,11 @@ def test_report_refuses_layer4_on_32px_and_bad_workdirs(real_run, tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         main(["--workdir", config.workdir, "--layer", "layer4", "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "layer4 is 4x4 for 32x32 inputs" in err and len(err.splitlines()) == 1
+    assert exit_info.value.code == 2 and "layer4 is 4x4 for 32x32 inputs" in err and len(err.splitlines()) == 1
+    assert "--allow-small-layer" in err and "allow_small=True" not in err
     with pytest.raises(SystemExit) as exit_info:
         main(["--workdir", str(tmp_path / "nothing")])
-    assert exit_info.value.code == 1 and "no config.json" in capsys.readouterr().err
+    assert exit_info.value.code == 1 and "nothing: no such folder" in capsys.readouterr().err
 
 
 def test_make_report_returns_figures(real_run, tmp_path):

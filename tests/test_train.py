@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcifar import CheckpointError, Config, fit, optim, steps
-from jaxcifar.checkpoint import read_history
+from jaxcifar import CheckpointError, Config, ConfigError, fit, optim, parallel, steps
+from jaxcifar.files import read_history
 from jaxcifar.state import create_train_state
 from jaxcifar.trainer import build_model
 
@@ -81,7 +81,7 @@ def test_existing_run_is_not_overwritten_without_resume(synthetic_run):
 
 def test_resume_refuses_a_workdir_of_another_model(synthetic_run):
     config, _ = synthetic_run
-    with pytest.raises(CheckpointError, match=r"different run: --model resnet18 .* vs resnet34"):
+    with pytest.raises(ConfigError, match=r"saved run differs in --model resnet18 \(saved\) vs resnet34 \(now\)"):
         fit(config.replace(model="resnet34", resume=True), verbose=False)
 
 
@@ -119,3 +119,21 @@ def test_chunked_evaluation_equals_one_forward():
         calls.clear()
         chex.assert_shape(jax.jit(lambda x, c=chunk: steps.apply_in_chunks(record, x, c))(jnp.zeros((n, 2))), (n, 2))
         assert calls == [expected], (n, chunk, calls)
+
+
+def test_fit_evaluates_in_chunks_on_one_cpu_device():
+    """``fit`` builds its eval step on a one-device mesh; on a CPU that step must run the forward in
+    chunks (a ``lax.map`` loop in the compiled program), as the README says."""
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("chunked evaluation is for CPU devices")
+    mesh = parallel.make_mesh(1)
+    assert steps.eval_chunk(mesh) == steps.CPU_EVAL_CHUNK
+    model = build_model(Config(width=4))
+    state = create_train_state(model, optax.sgd(0.1), seed=0)
+    batch = {
+        "image": jnp.zeros((256, 32, 32, 3), jnp.uint8),
+        "label": jnp.zeros((256,), jnp.int32),
+        "mask": jnp.ones((256,), bool),
+    }
+    hlo = steps.make_eval_step(MEAN, STD, mesh=mesh).lower(state, batch).as_text()
+    assert "while" in hlo  # the chunk loop; one forward of the whole batch has none

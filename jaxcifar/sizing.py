@@ -1,0 +1,96 @@
+"""Will a run fit in memory? An estimate made before any work, so that absurd sizes end in one line.
+
+The estimate is deliberately rough (it is for refusing ``--eval-batch-size 2000000000`` or
+``--width 30000`` at once, not for tuning): the parameter count comes from ``jax.eval_shape`` of the
+model's ``init`` (no memory is allocated), the activations from the ResNet's shape (BasicBlock
+stages at 32x32, 16x16, 8x8, 4x4 with width x 1, 2, 4, 8 channels; about three tensors kept per
+convolution for the backward pass).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcifar.config import Config
+from jaxcifar.errors import ConfigError
+
+STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+TENSORS_PER_CONV = 3  # conv output, BatchNorm output, ReLU output (kept for the backward pass)
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}
+
+
+def param_count(model: Any, image_shape: tuple[int, int, int] = (32, 32, 3)) -> int:
+    """Returns the number of parameters of ``model`` without allocating them (``jax.eval_shape``)."""
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False)["params"]
+    )
+    return sum(int(x.size) for x in jax.tree.leaves(shapes))
+
+
+def train_activation_values(config: Config) -> int:
+    """Returns about how many activation values one training image keeps for the backward pass."""
+    blocks = STAGE_BLOCKS.get(config.model, STAGE_BLOCKS["resnet34"])
+    # Stage i holds (32 / 2^i)^2 x width x 2^i = 1024 x width / 2^i values per feature map.
+    convs = 1 + sum(2 * n / 2**i for i, n in enumerate(blocks))  # the stem, and two convs per block
+    return int(TENSORS_PER_CONV * 1024 * config.width * convs)
+
+
+def device_memory_bytes(device: Any) -> int | None:
+    """Returns the memory one device can use: the accelerator's limit, or the host's RAM on CPU."""
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # not every backend implements memory_stats
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e12:.1f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB"
+
+
+def check_fits(config: Config, model: Any, devices: list[Any]) -> None:
+    """Raises ConfigError when the model, a train batch or an eval batch of ``config`` cannot fit on one
+    of ``devices`` (the batch split over them, the state replicated), naming what it would need."""
+    available = device_memory_bytes(devices[0])
+    if available is None:
+        return
+    n = len(devices)
+    value_bytes = 2 if config.dtype == "bfloat16" else 4
+    params = param_count(model)
+    copies = 3 + (config.optimizer != "sgd") + (config.ema_decay is not None)  # params, grads, moments, EMA
+    state_bytes = params * 4 * copies
+    where = f"the {_gb(available)} of this {devices[0].platform} device"
+    if state_bytes > available:
+        raise ConfigError(
+            f"--width {config.width}: {config.model} has {params:,} parameters and needs about "
+            f"{_gb(state_bytes)} for its training state, more than {where}; use a smaller --width"
+        )
+    per_image = train_activation_values(config) * value_bytes + 32 * 32 * 3 * 4
+    train_bytes = -(-config.batch_size // n) * per_image
+    if state_bytes + train_bytes > available:
+        most = max(0, (available - state_bytes) // per_image) * n
+        raise ConfigError(
+            f"--batch-size {config.batch_size} needs about {_gb(state_bytes + train_bytes)} per device, more than "
+            f"{where}; use at most about {most}"
+        )
+    views = TTA_VIEWS.get(config.tta, 6)
+    per_eval_image = views * (32 * 32 * 3 + 2 * 1024 * config.width) * 4
+    eval_bytes = -(-config.eval_batch_size // n) * per_eval_image
+    if state_bytes + eval_bytes > available:
+        most = max(0, (available - state_bytes) // per_eval_image) * n
+        raise ConfigError(
+            f"--eval-batch-size {config.eval_batch_size} needs about {_gb(state_bytes + eval_bytes)} per device, "
+            f"more than {where}; use at most about {most}"
+        )
