@@ -104,8 +104,8 @@ def minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
     cold test stops improving. fastai's ``valley`` (a point half-way along the longest decreasing stretch,
     which includes the long flat start of a from-scratch test, so it moves with ``--lr-find-start``) and
     ``minimum / 10`` target a fixed LR without warm-up (fine-tuning); on ResNet18 at width 16 they
-    suggested 12x-100x below the best LR of a peak-LR sweep (experiments/lr_find_sweep). The debiased
-    EMA lags the raw loss by a few steps, so this minimum lies a little past the raw one.
+    suggested 52x and 10x below the best peak LR of a sweep, this rule 1.05x (experiments/lr_find_sweep).
+    The debiased EMA lags the raw loss by a few steps, so this minimum lies a little past the raw one.
     """
     return float(lrs[int(np.argmin(losses))])
 
@@ -114,7 +114,8 @@ def suggestions(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
     """Every rule's LR for a smoothed range-test curve, after fastai's cut (first 10 %, last 5 points).
 
     ``minimum`` (the suggestion, see ``minimum``), fastai's ``valley``, ``steepest`` and
-    ``minimum/10`` (fastai's ``minimum`` suggestion). Cuts less when the curve is too short to cut.
+    ``minimum/10`` (fastai's ``minimum`` suggestion). A curve that the cut would leave with fewer than 5
+    points is used whole.
     """
     lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
     start, end = int(len(lrs) * SKIP_START), len(lrs) - SKIP_END

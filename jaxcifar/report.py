@@ -55,6 +55,8 @@ class Report:
 def load_run_config(workdir: str | Path) -> Config:
     """Returns the Config saved in ``workdir/config.json`` (CheckpointError when absent or unreadable)."""
     path = Path(workdir) / "config.json"
+    if Path(workdir).exists() and not Path(workdir).is_dir():
+        raise CheckpointError(f"--workdir {workdir} is a file, not a folder")
     if not Path(workdir).is_dir():
         raise CheckpointError(f"--workdir {workdir}: no such folder")
     if not path.is_file():

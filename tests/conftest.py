@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import jax
@@ -11,6 +14,13 @@ import pytest
 
 # Unit tests compare numbers, not speed: skip XLA's expensive optimization passes.
 jax.config.update("jax_disable_most_optimizations", True)
+# One persistent compilation cache per session: runs of the same shapes (the session fixtures and the
+# tests that resume or break them) compile once, whichever jitted function object asks.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="jaxcifar-tests-xla-")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, True)
+jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(
@@ -99,3 +109,19 @@ def real_run(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         workdir=str(tmp_path_factory.mktemp("real-run") / "run"),
     )
     return config, fit(config, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def chaos_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for `python -m jaxcifar.train` child processes of the chaos and lock tests: unbuffered
+    output, XLA's quick compile mode (as this process), and one persistent compilation cache for the
+    session, so that only the first child compiles the tiny run."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
