@@ -66,7 +66,6 @@ def check_fits(config: Config, model: Any, devices: list[Any]) -> None:
     available = device_memory_bytes(devices[0])
     if available is None:
         return
-    n = len(devices)
     value_bytes = 2 if config.dtype == "bfloat16" else 4
     params = param_count(model)
     copies = 3 + (config.optimizer != "sgd") + (config.ema_decay is not None)  # params, grads, moments, EMA
@@ -77,20 +76,15 @@ def check_fits(config: Config, model: Any, devices: list[Any]) -> None:
             f"--width {config.width}: {config.model} has {params:,} parameters and needs about "
             f"{_gb(state_bytes)} for its training state, more than {where}; use a smaller --width"
         )
-    per_image = train_activation_values(config) * value_bytes + 32 * 32 * 3 * 4
-    train_bytes = -(-config.batch_size // n) * per_image
-    if state_bytes + train_bytes > available:
-        most = max(0, (available - state_bytes) // per_image) * n
-        raise ConfigError(
-            f"--batch-size {config.batch_size} needs about {_gb(state_bytes + train_bytes)} per device, more than "
-            f"{where}; use at most about {most}"
-        )
-    views = TTA_VIEWS.get(config.tta, 6)
-    per_eval_image = views * (32 * 32 * 3 + 2 * 1024 * config.width) * 4
-    eval_bytes = -(-config.eval_batch_size // n) * per_eval_image
-    if state_bytes + eval_bytes > available:
-        most = max(0, (available - state_bytes) // per_eval_image) * n
-        raise ConfigError(
-            f"--eval-batch-size {config.eval_batch_size} needs about {_gb(state_bytes + eval_bytes)} per device, "
-            f"more than {where}; use at most about {most}"
-        )
+    per_train_image = train_activation_values(config) * value_bytes + 32 * 32 * 3 * 4
+    per_eval_image = TTA_VIEWS.get(config.tta, 6) * (32 * 32 * 3 + 2 * 1024 * config.width) * 4
+    for flag, batch, per_image in (
+        ("--batch-size", config.batch_size, per_train_image),
+        ("--eval-batch-size", config.eval_batch_size, per_eval_image),
+    ):
+        needed = state_bytes + -(-batch // len(devices)) * per_image
+        if needed > available:
+            most = max(0, (available - state_bytes) // per_image) * len(devices)
+            raise ConfigError(
+                f"{flag} {batch} needs about {_gb(needed)} per device, more than {where}; use at most about {most}"
+            )

@@ -89,7 +89,13 @@ def cases(tmp: Path, data_dir: str) -> list[dict]:
         path.write_text(body)
         configs[name] = str(path)
     garbage_run = tmp / "garbage_history_run"
-    out = tmp / "fresh"
+    fresh = iter(range(1000))
+
+    class Fresh:  # a new, absent workdir for every case that names one: no case sees another's leftovers
+        def __str__(self) -> str:
+            return str(tmp / f"fresh-{next(fresh)}")
+
+    out = Fresh()
     c = [
         ("train --seed -1", "jaxcifar.train", [*TINY, "--seed", "-1", "--workdir", str(out)], {}, 2),
         ("train --seed 1e20 (int)", "jaxcifar.train", [*TINY, "--seed", "9" * 23, "--workdir", str(out)], {}, 2),
@@ -98,11 +104,23 @@ def cases(tmp: Path, data_dir: str) -> list[dict]:
             (f"train --config {name}", "jaxcifar.train", ["--config", path, "--workdir", str(out)], {}, 2)
             for name, path in configs.items()
         ],
-        ("train --eval-batch-size 2e9", "jaxcifar.train", [*TINY, "--eval-batch-size", "2000000000"], {}, 2),
+        (
+            "train --eval-batch-size 2e9",
+            "jaxcifar.train",
+            [*TINY, "--eval-batch-size", "2000000000", "--workdir", str(out)],
+            {},
+            2,
+        ),
         ("train --width 30000", "jaxcifar.train", [*TINY, "--width", "30000", "--workdir", str(out)], {}, 2),
         ("train --lr inf", "jaxcifar.train", [*TINY, "--lr", "inf", "--workdir", str(out)], {}, 2),
         ("train --weight-decay inf", "jaxcifar.train", [*TINY, "--weight-decay", "inf", "--workdir", str(out)], {}, 2),
-        ("train --lr 1e30 (diverges)", "jaxcifar.train", [*TINY, "--lr", "1e30", "--epochs", "2"], {}, 1),
+        (
+            "train --lr 1e30 (diverges)",
+            "jaxcifar.train",
+            [*TINY, "--lr", "1e30", "--epochs", "2", "--workdir", str(out)],
+            {},
+            1,
+        ),
         (
             "train --num-devices 4 (1 CPU)",
             "jaxcifar.train",
@@ -207,6 +225,7 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True, help="The unpacked shared CIFAR-10 JPEG folders.")
     parser.add_argument("--out", help="Write the results as JSON here.")
     parser.add_argument("--timeout", type=float, default=120, help="Seconds before a case counts as a hang.")
+    parser.add_argument("--only", nargs="+", help="Run only the cases whose name contains one of these texts.")
     args = parser.parse_args()
     repo = Path(args.repo).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="trust-cases-"))
@@ -225,6 +244,8 @@ def main() -> None:
             f"{'case':44} {'expected':>8} {'exit':>8} {'stderr lines':>12} {'traceback':>9} {'P changed':>9} {'s':>6}"
         )
         for case in cases(tmp, args.data_dir):
+            if args.only and not any(text in case["name"] for text in args.only):
+                continue
             code, err, seconds = run(repo, case["module"], case["args"], case["env"], args.timeout, case.get("sigint"))
             lines = [line for line in err.splitlines() if line.strip()]
             changed = tree_hash(run_dir) != before
