@@ -165,13 +165,22 @@ def test_grad_cam_matches_pytorch_grad_cam(resnet18_pair, layer: str, explicit: 
 
     net, variables, model, x = resnet18_pair
     targets = [3, 1, 4, 1, 5, 9, 2, 6] if explicit else None
-    with GradCAM(model=net, target_layers=[getattr(net, layer)]) as cam:
-        ref = cam(input_tensor=x, targets=None if targets is None else [ClassifierOutputTarget(t) for t in targets])
-    ours = np.asarray(gradcam.grad_cam(model, variables, _nhwc(x), layer, targets=targets))
 
+    def reference(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+        with GradCAM(model=net, target_layers=[getattr(net, layer)]) as cam:
+            wrapped = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
+            return cam(input_tensor=x, targets=wrapped)
+
+    ref = reference(net, x)
+    ours = np.asarray(gradcam.grad_cam(model, variables, _nhwc(x), layer, targets=targets))
     assert ref.shape == ours.shape == (8, 32, 32)
     assert ref.max() > 0.99  # real maps, not all zeros
-    assert np.abs(ours - ref).max() <= 1e-4
+    # A ReLU input within float32 rounding of zero in the layers after `layer` can flip between the two
+    # libraries and move that image's gradient by ~1 % (seen 2026-11-26 with torch 2.14.1 and numpy 2.4, on
+    # old and new code alike: image 4 of 8, gradient 3.3e-5 off for activations within 8e-7, its map 1.1e-3
+    # off; the other maps within 5e-6). So: every map within 1e-2, all but at most one within 1e-4.
+    per_image = np.abs(ours - ref).reshape(len(ref), -1).max(axis=1)
+    assert np.sum(per_image <= 1e-4) >= len(per_image) - 1 and per_image.max() <= 1e-2, per_image
 
 
 def _pytorch_training(net, images: np.ndarray, labels: np.ndarray, lr: float, dtype, onecycle: bool) -> list[float]:
