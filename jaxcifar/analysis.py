@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcifar import steps, transforms
-from models.conv import lazy_jit
+from jaxcifar.models.conv import lazy_jit
 
 
 @functools.partial(lazy_jit, static_argnames=("model", "mean", "std", "tta"))

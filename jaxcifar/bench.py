@@ -41,13 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import models
-from jaxcifar import cli, optim, sizing, steps
+from jaxcifar import cli, models, optim, sizing, steps
 from jaxcifar.config import DTYPES, Config
 from jaxcifar.data import NORMALIZATION
 from jaxcifar.errors import DataError
+from jaxcifar.models.conv import CONV_IMPLS, compiler_options, describe_impl
 from jaxcifar.state import create_train_state
-from models.conv import CONV_IMPLS, compiler_options, describe_impl
 
 PROG = "python -m jaxcifar.bench"
 IMAGE_SHAPE = (32, 32, 3)

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from jaxcifar import interrupts
 from jaxcifar.config import Config, flag
 from jaxcifar.errors import ConfigError, JaxcifarError
-from models.conv import compiler_options, describe_impl
+from jaxcifar.models.conv import compiler_options, describe_impl
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import models
+from jaxcifar import models
 from jaxcifar.errors import ConfigError
 from jaxcifar.files import read_json, write_json
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import models
+from jaxcifar import models
 from jaxcifar.errors import CheckpointError
 
 # kuangliu/pytorch-cifar's ``transforms.Normalize`` for CIFAR-10: the std is not CIFAR-10's per-channel

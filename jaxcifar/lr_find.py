@@ -25,8 +25,7 @@ import jax
 import numpy as np
 import optax
 
-import models
-from jaxcifar import cli, optim, parallel, sizing, steps
+from jaxcifar import cli, models, optim, parallel, sizing, steps
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import JaxcifarError

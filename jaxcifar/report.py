@@ -34,9 +34,9 @@ from jaxcifar.config import Config
 from jaxcifar.data import Dataset, Split, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileError
 from jaxcifar.files import ensure_dir, read_history, save_figure, write_json
+from jaxcifar.models import available_models
 from jaxcifar.state import create_train_state
 from jaxcifar.trainer import build_model
-from models import available_models
 
 SPLITS = ("test", "val", "train")
 FIGURES = ("curves", "lr", "misclassified", "gradcam", "confusion")

@@ -18,8 +18,8 @@ from jax.sharding import Mesh
 
 from jaxcifar import parallel, transforms
 from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
+from jaxcifar.models.conv import compiler_options
 from jaxcifar.state import TrainState
-from models.conv import compiler_options
 
 Batch = dict[str, jax.Array]  # {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,)]}
 Metrics = dict[str, jax.Array]

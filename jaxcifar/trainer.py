@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-import models
-from jaxcifar import optim, parallel, sizing, steps
+from jaxcifar import models, optim, parallel, sizing, steps
 from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, Split, load_dataset

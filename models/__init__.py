@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
-from models.resnet import STAGE_NAMES, BasicBlock, ResNet, ResNet18, ResNet34
+from jaxcifar.models.resnet import STAGE_NAMES, BasicBlock, ResNet, ResNet18, ResNet34
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "resnet34": ResNet34,
 }
+
+
+# Config.dtype / --dtype name -> the modules' compute dtype (parameters stay float32 either way).
+COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def available_models() -> tuple[str, ...]:
@@ -31,4 +37,13 @@ def get_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[key](**kwargs)
 
 
-__all__ = ["STAGE_NAMES", "BasicBlock", "ResNet", "ResNet18", "ResNet34", "available_models", "get_model"]
+__all__ = [
+    "COMPUTE_DTYPES",
+    "STAGE_NAMES",
+    "BasicBlock",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "available_models",
+    "get_model",
+]

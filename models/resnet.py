@@ -26,7 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.conv import make_conv_general_dilated
+from jaxcifar.models.conv import make_conv_general_dilated
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 

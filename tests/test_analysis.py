@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from jaxcifar import analysis, transforms
+from jaxcifar import analysis, models, transforms
 from jaxcifar.state import init_variables
 
 MEAN = (0.4914, 0.4822, 0.4465)

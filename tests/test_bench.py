@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-import models
-from jaxcifar import bench
+from jaxcifar import bench, models
 
 TINY = ["--width", "4", "--batch-size", "8", "--steps", "1", "--warmup", "0"]
 STEP_KEYS = {"images_per_s", "ms_per_step", "compile_s", "gflops_per_s", "min_ms", "cpu_ms_per_step"}

@@ -16,13 +16,12 @@ import numpy as np
 import optax
 import pytest
 
-import models
-from jaxcifar import optim, steps
+from jaxcifar import models, optim, steps
 from jaxcifar.config import Config
 from jaxcifar.data import NORMALIZATION
+from jaxcifar.models.resnet import BN_EPSILON, BN_MOMENTUM
 from jaxcifar.sources import make_synthetic
 from jaxcifar.state import create_train_state
-from models.resnet import BN_EPSILON, BN_MOMENTUM
 
 STEPS, BATCH, WIDTH = 30, 16, 8
 LAST, LOSS_TOLERANCE = 5, 0.1

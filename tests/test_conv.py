@@ -10,8 +10,8 @@ import optax
 import pytest
 from jax import lax
 
-import models
-from models import conv as mconv
+from jaxcifar import models
+from jaxcifar.models import conv as mconv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

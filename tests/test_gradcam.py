@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from jaxcifar import gradcam
+from jaxcifar import gradcam, models
 from jaxcifar.state import init_variables
 
 BATCH = 5

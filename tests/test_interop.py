@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import models
-from jaxcifar import interop
+from jaxcifar import interop, models
 from jaxcifar.errors import CheckpointError
 from jaxcifar.report import TORCH_FIGURES, main
 from tests.torch_support import require
@@ -183,7 +182,7 @@ def test_empty_state_dict_and_bad_model_kwargs() -> None:
 
 def test_core_never_imports_torch() -> None:
     code = (
-        "import sys, jaxcifar, jaxcifar.interop, jaxcifar.report, jaxcifar.gradcam, jaxcifar.train, models; "
+        "import sys, jaxcifar, jaxcifar.interop, jaxcifar.report, jaxcifar.gradcam, jaxcifar.train, jaxcifar.models; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

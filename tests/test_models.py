@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import models
+from jaxcifar import models
 from jaxcifar.state import init_variables, param_count
 
 

@@ -28,12 +28,11 @@ from tests.torch_support import require
 
 torch = require("torch")
 
-import models  # noqa: E402
-from jaxcifar import gradcam, interop, optim, steps, transforms  # noqa: E402
+from jaxcifar import gradcam, interop, models, optim, steps, transforms  # noqa: E402
 from jaxcifar.config import Config  # noqa: E402
+from jaxcifar.models.resnet import BN_MOMENTUM  # noqa: E402
 from jaxcifar.sources import make_synthetic  # noqa: E402
 from jaxcifar.state import TrainState  # noqa: E402
-from models.resnet import BN_MOMENTUM  # noqa: E402
 from tests.kuangliu_resnet import make_resnet  # noqa: E402
 
 torch.set_num_threads(1)  # these small convolutions run ~20x slower on 2 threads on this 2-core machine
