@@ -3,8 +3,9 @@
 Typical use::
 
     import jaxcifar
-    config = jaxcifar.Config(epochs=20, workdir="runs/r18")
-    state, history = jaxcifar.fit(config)
+    config = jaxcifar.Config(epochs=20, workdir="runs/r18", report=True)
+    result = jaxcifar.run(config)  # LR range test (lr="auto"), training, report
+    # or its parts: jaxcifar.fit(config) (lr a number), jaxcifar.make_report(config.workdir)
 
 The names below are imported on first use (PEP 562), so ``import jaxcifar`` and the command lines
 start without importing jax; the command lines can then take Ctrl-C from their first moment.
@@ -24,16 +25,20 @@ _EXPORTS = {
     "DataError": "jaxcifar.errors",
     "Dataset": "jaxcifar.data",
     "DivergedError": "jaxcifar.errors",
-    "FitResult": "jaxcifar.trainer",
+    "FitResult": "jaxcifar.loop",
     "JaxcifarError": "jaxcifar.errors",
     "RunFileError": "jaxcifar.errors",
     "Split": "jaxcifar.data",
     "TrainState": "jaxcifar.state",
-    "build_model": "jaxcifar.trainer",
+    "ReportOptions": "jaxcifar.report",
+    "RunResult": "jaxcifar.pipeline",
+    "build_model": "jaxcifar.network",
     "create_train_state": "jaxcifar.state",
-    "evaluate": "jaxcifar.trainer",
-    "fit": "jaxcifar.trainer",
+    "evaluate": "jaxcifar.evaluation",
+    "fit": "jaxcifar.loop",
     "load_dataset": "jaxcifar.data",
+    "make_report": "jaxcifar.report",
+    "run": "jaxcifar.pipeline",
 }
 
 __all__ = [
@@ -45,7 +50,9 @@ __all__ = [
     "DivergedError",
     "FitResult",
     "JaxcifarError",
+    "ReportOptions",
     "RunFileError",
+    "RunResult",
     "Split",
     "TrainState",
     "build_model",
@@ -53,14 +60,20 @@ __all__ = [
     "evaluate",
     "fit",
     "load_dataset",
+    "make_report",
+    "run",
 ]
 
 if TYPE_CHECKING:
     from jaxcifar.config import Config
     from jaxcifar.data import Dataset, Split, load_dataset
     from jaxcifar.errors import CheckpointError, ConfigError, DataError, DivergedError, JaxcifarError, RunFileError
+    from jaxcifar.evaluation import evaluate
+    from jaxcifar.loop import FitResult, fit
+    from jaxcifar.network import build_model
+    from jaxcifar.pipeline import RunResult, run
+    from jaxcifar.report import ReportOptions, make_report
     from jaxcifar.state import TrainState, create_train_state
-    from jaxcifar.trainer import FitResult, build_model, evaluate, fit
 
 
 def __getattr__(name: str) -> Any:

@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcifar import steps, transforms
-from jaxcifar.models.conv import lazy_jit
+from jaxcifar import backend, steps, transforms
 
 
-@functools.partial(lazy_jit, static_argnames=("model", "mean", "std", "tta"))
+@functools.partial(backend.lazy_jit, static_argnames=("model", "mean", "std", "tta"))
 def _predict_batch(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -31,9 +30,9 @@ def _predict_batch(
     """Eval-mode softmax of one uint8 batch (averaged over TTA views): float32 (B, C) and int32 (B,) argmax."""
     views = transforms.tta_views(transforms.normalize(images, mean, std), tta)
     v, b = views.shape[:2]
-    logits = steps.apply_in_chunks(
-        lambda x: model.apply(variables, x, train=False), views.reshape(v * b, *views.shape[2:]), steps.eval_chunk()
-    )
+    flat = views.reshape(v * b, *views.shape[2:])
+    chunk = backend.eval_chunk(jax.devices()[:1])  # predictions run on the default device
+    logits = steps.apply_in_chunks(lambda x: model.apply(variables, x, train=False), flat, chunk)
     probs = jax.nn.softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1).mean(axis=0)
     return probs, jnp.argmax(probs, axis=-1).astype(jnp.int32)
 

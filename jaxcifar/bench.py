@@ -13,10 +13,10 @@ layer (BatchNorm, activations and the optimizer, under 1% together, are left out
 eval step; train step = 3 x forward (forward, input gradient, weight gradient) minus the first
 layer's input gradient, which is not computed.
 
-``--compare-torch`` times a PyTorch eager model of the same architecture (kuangliu/pytorch-cifar
-ResNet, same widths, batch, dtype via CPU autocast, same thread count) on the same images in this
-process, in both memory formats (the faster one is reported), and prints the ratio. PyTorch is
-optional and imported only then.
+``--compare-torch`` times a PyTorch eager model of the same architecture (``jaxcifar.torch_resnet``:
+kuangliu/pytorch-cifar's ResNet, same widths, batch, dtype via CPU autocast, same thread count) on the
+same images in this process, in both memory formats (the faster one is reported), and prints the
+ratio. PyTorch is optional and imported only then.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -41,11 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcifar import cli, models, optim, sizing, steps
+from jaxcifar import backend, cli, models, network, optim, sizing, steps, torch_resnet
 from jaxcifar.config import DTYPES, Config
 from jaxcifar.data import NORMALIZATION
 from jaxcifar.errors import DataError
-from jaxcifar.models.conv import CONV_IMPLS, compiler_options, describe_impl
+from jaxcifar.models.conv import flops as conv_flops
 from jaxcifar.state import create_train_state
 
 PROG = "python -m jaxcifar.bench"
@@ -57,17 +56,22 @@ FLOPS_METHOD = (
 
 
 def count_flops(model: nn.Module, batch_size: int, image_shape: Sequence[int] = IMAGE_SHAPE) -> tuple[int, int]:
-    """Returns (eval FLOPs, train FLOPs) of one batch through ``model`` (see the module docstring)."""
+    """Returns (eval FLOPs, train FLOPs) of one batch through ``model`` (see the module docstring).
+
+    Every ``nn.Conv`` and ``nn.Dense`` call is counted with ``jaxcifar.models.conv.flops``: a Dense layer is
+    a convolution with an empty window over the leading (batch and any spatial) axes.
+    """
     layers: list[int] = []
 
     def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
         out = next_fun(*args, **kwargs)
         module = context.module
         if context.method_name == "__call__" and isinstance(module, nn.Conv | nn.Dense):
-            in_features = args[0].shape[-1]
+            batch, out_hw, c_in = out.shape[0], out.shape[1:-1], args[0].shape[-1]
+            window: Sequence[int] = ()
             if isinstance(module, nn.Conv):
-                in_features = math.prod(module.kernel_size) * in_features // module.feature_group_count
-            layers.append(2 * math.prod(out.shape[:-1]) * in_features * module.features)
+                window, c_in = module.kernel_size, c_in // module.feature_group_count
+            layers.append(conv_flops(batch, out_hw, window, c_in, module.features))
         return out
 
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
@@ -77,6 +81,12 @@ def count_flops(model: nn.Module, batch_size: int, image_shape: Sequence[int] = 
         jax.eval_shape(lambda v, b: model.apply(v, b, train=False), variables, batch)
     forward = sum(layers)
     return forward, 3 * forward - (layers[0] if layers else 0)
+
+
+def describe_devices(devices: Sequence[Any]) -> dict[str, Any]:
+    """Returns ``{"device": platform, "device_kind": model, "device_count": len(devices)}``: the first of
+    ``devices`` (the one the bench runs on) and how many there are."""
+    return {"device": devices[0].platform, "device_kind": devices[0].device_kind, "device_count": len(devices)}
 
 
 def _load_average() -> float | None:
@@ -137,15 +147,16 @@ def bench_jax(
     warmup: int,
     images: np.ndarray,
     labels: np.ndarray,
+    xla_cpu_conv: str = "eigen",
 ) -> dict[str, Any]:
-    """Compiles and times the train and eval steps. Returns ``{"train": {...}, "eval": {...}}``.
+    """Compiles and times the train and eval steps (XLA options ``backend.compiler_options(xla_cpu_conv)``).
+    Returns ``{"train": {...}, "eval": {...}}``.
 
     Each part holds ``images_per_s``, ``ms_per_step`` (median), ``compile_s``, ``gflops_per_s``,
     ``min_ms`` and ``cpu_ms_per_step``.
     """
-    config = Config(model=model_name, width=width, dtype=dtype, batch_size=batch_size)
-    compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    model = models.get_model(model_name, num_classes=NUM_CLASSES, width=width, dtype=compute_dtype, conv_impl=conv_impl)
+    config = Config(model=model_name, width=width, dtype=dtype, batch_size=batch_size, conv_impl=conv_impl)
+    model = network.build_model(config, jax.devices()[:1])  # compute dtype: models.COMPUTE_DTYPES[dtype]
     tx = optim.make_optimizer(config, optax.constant_schedule(0.01))
     state = create_train_state(model, tx, seed=0)
     mean, std = NORMALIZATION["cifar10"]
@@ -153,11 +164,13 @@ def bench_jax(
     eval_batch = {**batch, "mask": jax.device_put(np.ones(batch_size, bool))}
     eval_flops, train_flops = count_flops(model, batch_size)
 
+    options = backend.compiler_options(xla_cpu_conv)
     t0 = time.perf_counter()
-    train_step = steps.make_train_step(mean, std, config.augment, config.cutout_size).lower(state, batch).compile()
+    train_step = steps.make_train_step(mean, std, config.augment, config.cutout_size, xla_options=options)
+    train_step = train_step.lower(state, batch).compile()
     train_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
-    eval_step = steps.make_eval_step(mean, std).lower(state, eval_batch).compile()
+    eval_step = steps.make_eval_step(mean, std, xla_options=options).lower(state, eval_batch).compile()
     eval_compile = time.perf_counter() - t0
 
     def run_train() -> None:
@@ -175,53 +188,6 @@ def bench_jax(
         "eval": _summary(evaluation, batch_size, eval_flops, round(eval_compile, 2)),
         "flops_per_step": {"train": train_flops, "eval": eval_flops},
     }
-
-
-def _torch_resnet(torch: Any, stage_sizes: Sequence[int], width: int, num_classes: int) -> Any:
-    """Returns kuangliu/pytorch-cifar's ResNet (BasicBlock) with these stages and base width."""
-    nn_t, functional = torch.nn, torch.nn.functional
-
-    class BasicBlock(nn_t.Module):
-        def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn_t.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn_t.BatchNorm2d(planes)
-            self.conv2 = nn_t.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn_t.BatchNorm2d(planes)
-            self.shortcut = nn_t.Sequential()
-            if stride != 1 or in_planes != planes:
-                self.shortcut = nn_t.Sequential(
-                    nn_t.Conv2d(in_planes, planes, 1, stride, bias=False), nn_t.BatchNorm2d(planes)
-                )
-
-        def forward(self, x: Any) -> Any:
-            out = functional.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return functional.relu(out + self.shortcut(x))
-
-    class ResNet(nn_t.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1 = nn_t.Conv2d(3, width, 3, 1, 1, bias=False)
-            self.bn1 = nn_t.BatchNorm2d(width)
-            in_planes, layers = width, []
-            for stage, blocks in enumerate(stage_sizes):
-                planes = width * 2**stage
-                stage_layers = []
-                for block in range(blocks):
-                    stride = 2 if stage > 0 and block == 0 else 1
-                    stage_layers.append(BasicBlock(in_planes, planes, stride))
-                    in_planes = planes
-                layers.append(nn_t.Sequential(*stage_layers))
-            self.layer1, self.layer2, self.layer3, self.layer4 = layers
-            self.linear = nn_t.Linear(in_planes, num_classes)
-
-        def forward(self, x: Any) -> Any:
-            out = functional.relu(self.bn1(self.conv1(x)))
-            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-            return self.linear(torch.flatten(functional.adaptive_avg_pool2d(out, 1), 1))
-
-    return ResNet()
 
 
 def bench_torch(
@@ -247,14 +213,13 @@ def bench_torch(
     mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in NORMALIZATION["cifar10"])
     x_nchw = torch.from_numpy((images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - mean) / std)
     y = torch.from_numpy(labels.astype(np.int64))
-    stage_sizes = models.get_model(model_name).stage_sizes
     eval_flops, train_flops = count_flops(models.get_model(model_name, width=width), batch_size)
     config = Config()
     autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
     results = {}
     for memory_format in ("channels_last", "contiguous"):
         fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-        model = _torch_resnet(torch, stage_sizes, width, NUM_CLASSES).to(memory_format=fmt)
+        model = torch_resnet.resnet(model_name, NUM_CLASSES, width).to(memory_format=fmt)
         opt = torch.optim.SGD(
             model.parameters(),
             lr=0.01,
@@ -309,7 +274,8 @@ def _threads() -> int:
 def format_table(result: dict[str, Any]) -> str:
     """Returns the human-readable report of a ``run`` result (a few lines, fixed-width table)."""
     lines = [
-        f"device: {result['device_count']} x {result['device']} ({result['threads']} threads), "
+        f"device: {result['device_kind']} ({result['device']}; 1 of {result['device_count']} devices used, "
+        f"{result['threads']} threads), "
         f"{result['model']} width {result['width']}, batch {result['batch_size']}, {result['dtype']}, "
         f"conv {result['conv_impl']}",
         "XLA compiler options: "
@@ -352,29 +318,32 @@ def run(
     steps_: int = 5,
     warmup: int = 1,
     compare_torch: bool = False,
+    xla_cpu_conv: str = "eigen",
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its result dict (the ``--json`` line).
 
     Keys: ``train``/``eval`` (each ``images_per_s``, ``ms_per_step``, ``compile_s``, ``gflops_per_s``,
-    ``min_ms``, ``cpu_ms_per_step``), ``device``, ``device_count``, ``batch_size``, ``model``, ``width``,
-    ``dtype``, ``conv_impl``, ``xla_options``, ``threads``, ``flops_per_step``, ``flops_method``, ``load_average``, and
-    with ``compare_torch`` also ``torch`` and ``ratio_vs_torch``.
+    ``min_ms``, ``cpu_ms_per_step``), ``device`` (the platform of the device the steps run on, JAX's first),
+    ``device_kind`` (its model, e.g. ``NVIDIA H100 80GB HBM3``), ``device_count`` (the devices JAX sees; the
+    steps run on one), ``batch_size``, ``model``, ``width``, ``dtype``, ``conv_impl``, ``xla_options``, ``threads``,
+    ``flops_per_step``, ``flops_method``, ``load_average``, and with ``compare_torch`` also ``torch`` and
+    ``ratio_vs_torch``.
     """
     images, labels = random_batch(batch_size)
     load_before = _load_average()
+    devices = jax.devices()
     result: dict[str, Any] = {
-        "device": jax.devices()[0].platform,
-        "device_count": 1,
+        **describe_devices(devices),
         "batch_size": batch_size,
         "model": model,
         "width": width,
         "dtype": dtype,
-        "conv_impl": describe_impl(conv_impl),
-        "xla_options": compiler_options(),
+        "conv_impl": backend.describe_conv(conv_impl, devices[:1]),
+        "xla_options": backend.compiler_options(xla_cpu_conv),
         "threads": _threads(),
         "flops_method": FLOPS_METHOD,
     }
-    result.update(bench_jax(model, width, batch_size, dtype, conv_impl, steps_, warmup, images, labels))
+    result.update(bench_jax(model, width, batch_size, dtype, conv_impl, steps_, warmup, images, labels, xla_cpu_conv))
     if compare_torch:
         result["torch"] = bench_torch(
             model, width, batch_size, dtype, steps_, warmup, images, labels, threads=result["threads"]
@@ -416,10 +385,16 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument(
         "--conv",
         default="auto",
-        choices=CONV_IMPLS,
-        help="Convolution implementation (models.conv): lax = XLA's convolution and autodiff gradients; "
-        "matmul = XLA's forward and input gradient, weight gradient as blocked im2col matmuls; auto = matmul "
-        "for the 1x1 and large 3x3 convolutions on one CPU device, else lax. (default: %(default)s)",
+        choices=backend.CONV_IMPLS,
+        help=f"{Config.__dataclass_fields__['conv_impl'].metadata['help']} As --conv-impl of training. "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--xla-cpu-conv",
+        default="eigen",
+        choices=backend.XLA_CPU_CONVOLUTIONS,
+        help="On CPU, which kernels run XLA's convolutions: eigen (jaxcifar's compiler option, "
+        "jaxcifar.backend.compiler_options) or ynnpack (XLA's default, to compare). (default: %(default)s)",
     )
     parser.add_argument(
         "--steps", type=int, default=5, metavar="INT", help="Timed steps of each kind. (default: %(default)s)"
@@ -477,6 +452,7 @@ def _bench(args: argparse.Namespace) -> int:
         steps_=args.steps,
         warmup=args.warmup,
         compare_torch=args.compare_torch,
+        xla_cpu_conv=args.xla_cpu_conv,
     )
     print(format_table(result), flush=True)
     if args.json:

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxcifar.config import Config, flag
@@ -46,6 +48,7 @@ RESUME_FREE_FIELDS = (
     "lr_find_start",
     "lr_find_end",
     "lr_find_steps",
+    "conv_impl",  # speed only: a run started on a CPU may go on on a GPU
 )
 
 
@@ -146,7 +149,12 @@ class Checkpointer:
         A checkpoint that cannot be read (truncated or corrupt files) is skipped with a warning naming
         it, and the next older one is tried; CheckpointError when none of them can be read.
         """
-        return _restore_newest(self.latest, template, self.unreadable)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_items(template))
+        found = _restore_newest(self.latest, abstract, self.unreadable)
+        if found is None:
+            return None
+        items, meta = found
+        return template.replace(**items), meta
 
     def set_aside_unreadable(self) -> None:
         """Moves the checkpoints ``restore_latest`` could not read to ``WORKDIR/unreadable-checkpoints/``
@@ -205,14 +213,24 @@ def read_meta(workdir: str | Path) -> dict[str, Any] | None:
 
 
 def _restore_newest(
-    manager: ocp.CheckpointManager, template: TrainState, unreadable: list[int] | None = None
-) -> tuple[TrainState, dict[str, Any]] | None:
-    """Restores the newest checkpoint that can be read; appends the steps that could not to ``unreadable``."""
+    manager: ocp.CheckpointManager,
+    abstract: dict[str, Any],
+    unreadable: list[int] | None = None,
+    partial: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Returns (items, meta) of the newest checkpoint that can be read, items shaped as ``abstract``
+    (``jax.ShapeDtypeStruct`` leaves; with ``partial``, a subset of the saved items, e.g. the weights
+    without the optimizer state); None when there is no checkpoint. Appends the steps that could not
+    be read to ``unreadable``."""
     steps = sorted(manager.all_steps())
     if not steps:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_items(template))
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    if partial:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        state_args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+    else:
+        state_args = ocp.args.StandardRestore(abstract)
+    args = ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
     broken = []
     for step in reversed(steps):
         try:
@@ -224,24 +242,39 @@ def _restore_newest(
             continue
         if broken:
             print(f"warning: unreadable checkpoint {'; '.join(broken)}; using {manager.directory}/{step}", flush=True)
-        return template.replace(**restored["state"]), dict(restored["meta"])
+        return dict(restored["state"]), dict(restored["meta"])
     raise CheckpointError(f"no readable checkpoint: {'; '.join(broken)}")
 
 
-def load_best(workdir: str | Path, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
-    """Returns (state, meta) of the workdir's best checkpoint (falls back to the latest intact one)."""
+def load_variables(
+    workdir: str | Path, model: nn.Module, ema: bool = False, image_shape: tuple[int, int, int] = (32, 32, 3)
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Returns ``({"params", "batch_stats"}, meta)`` of the workdir's best checkpoint (falling back to the
+    newest intact one) for ``model.apply``, reading only the weights (no optimizer state, no optimizer
+    needed); with ``ema`` the EMA weights the run kept (``--ema-decay``). Raises CheckpointError when no
+    checkpoint can be read, or when they do not fit ``model`` (another architecture or width)."""
     workdir = Path(workdir).absolute()
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False, mutable=_WEIGHTS)
+    )
+    names = ("ema_params", "ema_batch_stats") if ema else _WEIGHTS
+    abstract = {name: shapes[kind] for name, kind in zip(names, _WEIGHTS, strict=True)}
     errors = []
-    for name in ("best", "checkpoints"):
-        if committed_steps(workdir / name):
-            manager = ocp.CheckpointManager(workdir / name, options=ocp.CheckpointManagerOptions(read_only=True))
-            try:
-                found = _restore_newest(manager, template)
-            except CheckpointError as e:
-                errors.append(str(e))
-                continue
-            finally:
-                manager.close()
-            if found is not None:
-                return found
+    for folder in ("best", "checkpoints"):
+        if not committed_steps(workdir / folder):
+            continue
+        manager = ocp.CheckpointManager(workdir / folder, options=ocp.CheckpointManagerOptions(read_only=True))
+        try:
+            found = _restore_newest(manager, abstract, partial=True)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        finally:
+            manager.close()
+        if found is not None:
+            items, meta = found
+            return {kind: items[name] for name, kind in zip(names, _WEIGHTS, strict=True)}, meta
     raise CheckpointError(f"{workdir}: {'; '.join(errors) or 'no checkpoint found'}")
+
+
+_WEIGHTS = ("params", "batch_stats")

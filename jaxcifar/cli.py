@@ -19,7 +19,6 @@ from typing import Any, NoReturn
 from jaxcifar import interrupts
 from jaxcifar.config import Config, flag
 from jaxcifar.errors import ConfigError, JaxcifarError
-from jaxcifar.models.conv import compiler_options, describe_impl
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -130,15 +129,6 @@ def exit_code(error: Exception) -> int:
     return 2 if isinstance(error, ConfigError) else 1
 
 
-def check_environment() -> None:
-    """Raises ConfigError when a ``JAXCIFAR_*`` environment switch holds a value it does not know."""
-    try:
-        describe_impl("auto")
-        compiler_options()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def run_command(prog: str, body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     """Runs a command's ``body`` and returns its exit code; user errors and interrupts end in one line.
 
@@ -148,7 +138,6 @@ def run_command(prog: str, body: Callable[[], int], interrupted: Callable[[], st
     """
     interrupts.describe(interrupted)
     try:
-        check_environment()
         code = body()
     except JaxcifarError as e:
         interrupts.disarm()

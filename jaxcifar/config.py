@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxcifar import models
+from jaxcifar import models, transforms
+from jaxcifar.backend import CONV_IMPLS
 from jaxcifar.errors import ConfigError
 from jaxcifar.files import read_json, write_json
 
@@ -21,8 +22,8 @@ DATA_SOURCES = ("auto", "tfds", "cifar-python", "folder", "synthetic")
 DATASETS = ("cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "multistep", "warmup-cosine", "constant")
-AUGMENTS = ("none", "flip", "crop-flip", "crop-flip-cutout")
-DTYPES = ("float32", "bfloat16")
+AUGMENTS = transforms.AUGMENT_MODES
+DTYPES = tuple(models.COMPUTE_DTYPES)
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
@@ -37,6 +38,14 @@ class Config:
     model: str = _field("resnet18", "Model name.", choices=models.available_models())
     width: int = _field(64, "Base channel count of the ResNet (64 is the standard ResNet18/34).")
     dtype: str = _field("float32", "Compute dtype; params and optimizer state stay float32.", choices=DTYPES)
+    conv_impl: str = _field(
+        "auto",
+        "Convolution implementation (speed only, same parameters and results up to float rounding): lax = XLA's "
+        "convolution and gradients; matmul = jaxcifar's custom gradients (matmul weight gradient, polyphase strided "
+        "input gradient; faster with XLA:CPU); auto = matmul where it was measured faster on one CPU device, lax on "
+        "GPU, TPU and several devices (jaxcifar.backend).",
+        choices=CONV_IMPLS,
+    )
     # Data.
     dataset: str = _field("cifar10", "Dataset (decides the class count and normalization).", choices=DATASETS)
     data_source: str = _field(
@@ -109,7 +118,7 @@ class Config:
         "none",
         "Test-time augmentation at evaluation: flip (original + mirror) or flip-translate (+ four 1-px shifts); "
         "softmax averaged over the views.",
-        choices=("none", "flip", "flip-translate"),
+        choices=transforms.TTA_MODES,
     )
     cycle_momentum: bool = _field(
         False,

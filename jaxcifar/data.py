@@ -148,32 +148,32 @@ def load_dataset(config: Config) -> Dataset:
         n = subset[split]
         return np.arange(len(labels)) if n is None else stratified_subset(labels, n, config.seed)
 
-    if source == "folder":
-        if config.data_dir is None:
-            raise DataError("--data-dir is required with --data-source folder")
-        splits, class_names = sources.read_image_folder(
+    if source == "folder":  # decodes only the selected files (Config requires data_dir with folder)
+        arrays, class_names = sources.read_image_folder(
             config.data_dir, select=select, resize=config.resize, dataset=config.dataset
         )
+        splits = {name: Split(*pair) for name, pair in arrays.items()}
     else:
         if source == "synthetic":
-            splits, class_names = sources.make_synthetic(num_classes=config.num_classes, seed=config.seed)
+            arrays, class_names = sources.make_synthetic(num_classes=config.num_classes, seed=config.seed)
         elif source == "cifar-python":
             path = config.data_dir
             if path is None:
                 if not config.download:
                     raise DataError("--data-source cifar-python needs --data-dir PATH or --download")
                 path = sources.download_cifar_python(config.dataset)
-            splits, class_names = sources.read_cifar_python(path, config.dataset)
+            arrays, class_names = sources.read_cifar_python(path, config.dataset)
         else:
-            splits, class_names = sources.read_tfds(config.dataset, config.data_dir)
-        check_labels(splits, class_names, source)
-        splits = {name: Split(*arrays).take(select(name, arrays[1])) for name, arrays in splits.items()}
-        splits = {name: (s.images, s.labels) for name, s in splits.items()}
+            arrays, class_names = sources.read_tfds(config.dataset, config.data_dir)
+        check_labels(arrays, class_names, source)
+        splits: dict[str, Split] = {}
+        for name, pair in arrays.items():
+            split = Split(*pair)
+            splits[name] = split if subset.get(name) is None else split.take(select(name, split.labels))
 
     if len(class_names) != config.num_classes:
         raise DataError(f"{source} data has {len(class_names)} classes, {config.dataset} has {config.num_classes}")
-    train = Split(*splits["train"])
-    test = Split(*splits["test"])
+    train, test = splits["train"], splits["test"]
     val = None
     if config.val_fraction > 0:
         val_idx, train_idx = stratified_split(train.labels, config.val_fraction, config.seed + 1)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from jaxcifar.models.conv import lazy_jit
+from jaxcifar.backend import lazy_jit
 
 MIN_RESOLUTION = 5  # Below 5x5 a map cannot localize anything in a 32x32 image (layer4 of CIFAR ResNets is 4x4).
 _EPS = 1e-7  # scale_cam_image's 1e-7 in ``img / (1e-7 + np.max(img))``.

@@ -25,12 +25,15 @@ import jax
 import numpy as np
 import optax
 
-from jaxcifar import cli, models, optim, parallel, sizing, steps
+from jaxcifar import cli, optim, parallel, sizing, steps
+from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import JaxcifarError
 from jaxcifar.files import write_json
 from jaxcifar.mixing import MixSpec
+from jaxcifar.network import build_model
+from jaxcifar.plots import plot_lr_find
 from jaxcifar.state import create_train_state
 from jaxcifar.workdir import check_workdir
 
@@ -133,24 +136,25 @@ def suggestions(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
 def lr_find(
     config: Config, dataset: Dataset | None = None, *, out_dir: str | Path | None = None, verbose: bool = True
 ) -> LRFindResult:
-    """Runs the range test for ``config`` and returns the result; with ``out_dir`` also writes
-    ``lr_find.json`` and ``lr_find.png`` there."""
-    from jaxcifar.trainer import DeviceSplit, build_model, shuffled_index_rows
-
-    dataset = dataset or load_dataset(config)
+    """Runs the range test for ``config`` (its ``lr`` is not used) and returns the result; with ``out_dir``
+    also writes ``lr_find.json`` and ``lr_find.png`` there. Raises ConfigError before any work when the
+    batch does not fit the devices (``sizing.check_fits``)."""
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_divisible(config.batch_size, mesh, "--batch-size")
+    model = build_model(config, list(mesh.devices.flat))
+    sizing.check_fits(config, model, list(mesh.devices.flat))
+    dataset = dataset or load_dataset(config)
     on_all = parallel.replicated(mesh)
     train = DeviceSplit.put(dataset.train, on_all)
     n_steps, start, end = config.lr_find_steps, config.lr_find_start, config.lr_find_end
     schedule = optax.exponential_decay(start, transition_steps=n_steps - 1, decay_rate=end / start)
     tx = optim.make_optimizer(config, schedule)
-    state = jax.device_put(create_train_state(build_model(config), tx, config.seed), on_all)
+    state = jax.device_put(create_train_state(model, tx, config.seed), on_all)
     mix = MixSpec(config.mixup_alpha, config.cutmix_alpha, config.mix_prob)
     train_step = steps.make_train_step(
         dataset.mean, dataset.std, config.augment, config.cutout_size, config.label_smoothing, mesh=mesh, mix=mix
     )
-    gather = steps.make_gather_batch(mesh)
+    gather = make_gather_batch(mesh)
     steps_per_epoch = len(train) // config.batch_size
     shuffle_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1F)
 
@@ -189,8 +193,6 @@ def lr_find(
         rules=rules,
     )
     if out_dir is not None:
-        from jaxcifar.plots import plot_lr_find
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "lr_find.json", result.to_dict())
@@ -225,9 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: Config) -> int:
     check_workdir(config.workdir)
-    model = models.get_model(config.model, num_classes=config.num_classes, width=config.width)
-    sizing.check_fits(config, model, jax.devices()[:1])
-    result = lr_find(config.replace(lr=0.1 if config.lr == "auto" else config.lr), out_dir=config.workdir)
+    result = lr_find(config, out_dir=config.workdir)
     note = " (stopped early: the loss diverged)" if result.stopped_early else ""
     print(f"ran {len(result.lrs)} steps from {config.lr_find_start:g} to {result.lrs[-1]:.3g}{note}")
     print(f"suggested max LR for onecycle: {result.suggestion:.3g} ({result.rule} rule)")

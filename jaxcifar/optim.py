@@ -59,22 +59,30 @@ def onecycle_momentum_schedule(
     )
 
 
+def peak_lr(config: Config) -> float:
+    """Returns ``config.lr`` as a float. ConfigError for ``"auto"``: the LR range test resolves it before
+    any schedule is built (``jaxcifar.run``; ``python -m jaxcifar.train --lr auto``)."""
+    if isinstance(config.lr, str):
+        raise ConfigError(f"--lr {config.lr}: resolve it with the LR range test first (jaxcifar.run does)")
+    return float(config.lr)
+
+
 def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     """Returns the LR schedule of ``config`` over ``config.epochs * steps_per_epoch`` steps."""
-    total = config.epochs * steps_per_epoch
+    total, lr = config.epochs * steps_per_epoch, peak_lr(config)
     if config.schedule == "onecycle":
-        return onecycle_schedule(total, config.lr, config.pct_start, config.div_factor, config.final_div_factor)
+        return onecycle_schedule(total, lr, config.pct_start, config.div_factor, config.final_div_factor)
     if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(config.lr, decay_steps=total)
+        return optax.cosine_decay_schedule(lr, decay_steps=total)
     if config.schedule == "multistep":
         return optax.piecewise_constant_schedule(
-            config.lr, {m * steps_per_epoch: config.gamma for m in sorted(config.milestones)}
+            lr, {m * steps_per_epoch: config.gamma for m in sorted(config.milestones)}
         )
     if config.schedule == "warmup-cosine":
         warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
-        return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup_steps=warmup, decay_steps=total)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup, decay_steps=total)
     if config.schedule == "constant":
-        return optax.constant_schedule(config.lr)
+        return optax.constant_schedule(lr)
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 

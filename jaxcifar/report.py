@@ -23,24 +23,45 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcifar import analysis, cli, gradcam, interop, optim, plots, transforms
-from jaxcifar.checkpoint import load_best, saved_config
+from jaxcifar import analysis, cli, gradcam, interop, models, optim, plots, transforms
+from jaxcifar.checkpoint import load_variables, saved_config
 from jaxcifar.config import Config
-from jaxcifar.data import Dataset, Split, load_dataset
+from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileError
 from jaxcifar.files import ensure_dir, read_history, save_figure, write_json
-from jaxcifar.models import available_models
-from jaxcifar.state import create_train_state
-from jaxcifar.trainer import build_model
+from jaxcifar.network import build_model
 
 SPLITS = ("test", "val", "train")
 FIGURES = ("curves", "lr", "misclassified", "gradcam", "confusion")
 TORCH_FIGURES = ("misclassified", "gradcam", "confusion")  # a PyTorch checkpoint has no jaxcifar history
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """What a report shows: the ``n`` most confident mistakes of ``split``, Grad-CAM at ``layer`` (one
+    smaller than 5x5 only with ``allow_small_layer``), predictions averaged over ``tta`` views, pictures
+    at ``dpi``. Invalid values raise ConfigError naming the flag."""
+
+    n: int = 10
+    layer: str = "layer3"
+    split: str = "test"
+    tta: str = "none"
+    allow_small_layer: bool = False
+    dpi: int = 100
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.tta not in transforms.TTA_MODES:
+            raise ConfigError(f"--tta {self.tta!r} is not one of {', '.join(transforms.TTA_MODES)}")
+        if self.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {self.n}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,19 +85,6 @@ def load_run_config(workdir: str | Path) -> Config:
     return saved_config(workdir)
 
 
-def load_best_variables(workdir: str | Path, config: Config, dataset: Dataset) -> tuple[dict[str, Any], dict]:
-    """Returns ({"params", "batch_stats"}, checkpoint metadata) of the workdir's best checkpoint.
-
-    These are the EMA weights when the run kept them (``--ema-decay``), as training evaluated them.
-    """
-    model = build_model(config)
-    steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
-    tx, _ = optim.make_training_optimizer(config, steps_per_epoch)
-    use_ema = config.ema_decay is not None
-    state, meta = load_best(workdir, create_train_state(model, tx, config.seed, ema=use_ema))
-    return state.variables(ema=use_ema), meta
-
-
 def lr_per_step(config: Config, num_train: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (steps int (T,), learning rates float32 (T,)) of the run's schedule over all its steps."""
     steps_per_epoch = max(1, num_train // config.batch_size)
@@ -85,146 +93,61 @@ def lr_per_step(config: Config, num_train: int) -> tuple[np.ndarray, np.ndarray]
     return steps, np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
 
 
-def _split(dataset: Dataset, name: str) -> Split:
-    split = getattr(dataset, name)
-    if split is None:
-        raise DataError(f"--split {name}: this run has no {name} split (it needs --val-fraction > 0)")
-    return split
-
-
 def make_report(
     workdir: str | Path,
-    n: int = 10,
-    layer: str = "layer3",
-    split: str = "test",
+    options: ReportOptions | None = None,
     *,
-    dataset: Dataset | None = None,
-    variables: dict[str, Any] | None = None,
     config: Config | None = None,
-    allow_small_layer: bool = False,
+    dataset: Dataset | None = None,
     out_dir: str | Path | None = None,
-    dpi: int = 100,
-    tta: str = "none",
-    training_curves: bool = True,
-    checkpoint_info: dict[str, Any] | None = None,
 ) -> Report:
-    """Writes the pictures and ``report.json`` of a run into ``out_dir`` (default ``workdir``).
+    """Writes the pictures and ``report.json`` of a training run into ``out_dir`` (default ``workdir``)
+    and returns the ``Report``: ``FIGURES`` (training curves and LR schedule from history.json, then
+    what ``explain`` draws) of its best checkpoint, the EMA weights when the run kept them.
 
-    ``config`` defaults to the workdir's config.json, ``dataset`` to loading it from that config,
-    ``variables`` to the best checkpoint (EMA weights when kept); ``tta`` averages predictions over
-    test-time views (the Grad-CAM maps explain the plain image). Returns a ``Report`` with the
-    summary dict and the figures.
-    ``training_curves=False`` leaves out ``curves`` and ``lr`` (for a model trained elsewhere);
-    ``checkpoint_info`` is what report.json records under ``checkpoint`` (default: the best
-    checkpoint's epoch and step).
-    Raises ``JaxcifarError`` subclasses for a missing workdir/checkpoint/split, ValueError from
-    ``grad_cam`` for a layer smaller than 5x5 unless ``allow_small_layer``.
+    ``config`` defaults to the workdir's config.json, ``dataset`` to loading it from that config.
+    Raises ``JaxcifarError`` subclasses for a missing workdir, checkpoint or split, or a bad option.
     """
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
-    if n < 1:
-        raise ConfigError(f"--n must be >= 1, got {n}")
-    out = Path(out_dir or workdir)
-    if out.exists() and not out.is_dir():
-        raise RunFileError(f"--out-dir {out} is a file, not a folder")
+    options = options or ReportOptions()
     config = config or load_run_config(workdir)
-    history = read_history(workdir) if training_curves else []
+    history = read_history(workdir)
     dataset = dataset or load_dataset(config)
-    _split(dataset, split)
-    meta: dict[str, Any] = {}
-    if variables is None:
-        variables, meta = load_best_variables(workdir, config, dataset)
-    model = build_model(config)
-    images_shape = (1, *dataset.test.images.shape[1:])
-    try:
-        resolution = gradcam.check_layer(model, variables, images_shape, layer, allow_small_layer)
-    except ValueError as e:
-        raise ConfigError(f"--layer {layer}: {e}") from None
-
-    data = _split(dataset, split)
-    probs, preds = analysis.predict(
-        model, variables, data.images, dataset.mean, dataset.std, batch_size=config.eval_batch_size, tta=tta
-    )
-    mistakes = analysis.misclassified(data.images, data.labels, probs, n=n)
-    confusion = analysis.confusion_matrix(data.labels, preds, dataset.num_classes)
-    per_class = analysis.per_class_accuracy(data.labels, preds, dataset.num_classes)
-    nll = -np.log(np.clip(probs[np.arange(len(data)), data.labels], 1e-12, None))
-
-    figures: dict[str, Figure] = {}
-    if training_curves:
-        figures["curves"] = plots.plot_curves(history, dpi=dpi)
-        figures["lr"] = plots.plot_lr(lr_per_step(config, len(dataset.train)), dpi=dpi)
-    figures["misclassified"] = plots.plot_misclassified(
-        mistakes.images, mistakes.true, mistakes.pred, mistakes.confidence, dataset.class_names, n=n, dpi=dpi
-    )
-    layer_label = f"{layer}, {resolution[0]}x{resolution[1]}"
-    if len(mistakes):
-        normalized = transforms.normalize(mistakes.images, dataset.mean, dataset.std)
-        cams = np.asarray(
-            gradcam.grad_cam(model, variables, normalized, layer, targets=mistakes.pred, allow_small=allow_small_layer)
-        )
-        figures["gradcam"] = plots.plot_gradcam(
-            mistakes.images, cams, mistakes.true, mistakes.pred, dataset.class_names, layer_label=layer_label, dpi=dpi
-        )
-    figures["confusion"] = plots.plot_confusion(confusion, dataset.class_names, dpi=dpi)
-
-    ensure_dir(out, "--out-dir")
-    paths = {name: out / f"{name}.png" for name in figures}
-    for name, fig in figures.items():
-        save_figure(fig, paths[name], dpi=dpi)
-    summary = {
-        "split": split,
-        "tta": tta,
-        "images": len(data),
-        "accuracy": float(np.mean(preds == data.labels)),
-        "loss": float(nll.mean()),
-        "checkpoint": checkpoint_info
-        if checkpoint_info is not None
-        else ({"epoch": meta.get("epoch"), "step": meta.get("step")} if meta else None),
-        "layer": layer_label,
-        "class_names": list(dataset.class_names),
-        "per_class_accuracy": {c: float(a) for c, a in zip(dataset.class_names, per_class, strict=True)},
-        "confusion_matrix": confusion.tolist(),
-        "misclassified": [
-            {"index": int(i), "true": dataset.class_names[t], "pred": dataset.class_names[p], "confidence": float(c)}
-            for i, t, p, c in zip(mistakes.indices, mistakes.true, mistakes.pred, mistakes.confidence, strict=True)
-        ],
-        "figures": {name: path.name for name, path in paths.items()},
+    model = build_model(config, jax.devices()[:1])
+    variables, meta = load_variables(workdir, model, ema=config.ema_decay is not None)
+    figures = {
+        "curves": plots.plot_curves(history, dpi=options.dpi),
+        "lr": plots.plot_lr(lr_per_step(config, len(dataset.train)), dpi=options.dpi),
     }
-    write_json(out / "report.json", summary)
-    return Report(summary=summary, figures=figures, paths=paths)
+    checkpoint = {"epoch": meta.get("epoch"), "step": meta.get("step")}
+    return explain(model, variables, dataset, options, Path(out_dir or workdir), figures, checkpoint)
 
 
 def make_torch_report(
     checkpoint: str | Path,
     model: str | None = None,
-    n: int = 10,
-    layer: str = "layer3",
-    split: str = "test",
+    options: ReportOptions | None = None,
     *,
     data_dir: str | None = None,
     dataset: Dataset | None = None,
     mean: Sequence[float] = interop.KUANGLIU_MEAN,
     std: Sequence[float] = interop.KUANGLIU_STD,
     subset: int | None = None,
-    allow_small_layer: bool = False,
     out_dir: str | Path | None = None,
-    dpi: int = 100,
-    tta: str = "none",
 ) -> Report:
-    """Explains a PyTorch checkpoint (kuangliu/pytorch-cifar layout) with the pictures of ``make_report``.
+    """Explains a PyTorch checkpoint (kuangliu/pytorch-cifar layout) with the pictures of ``explain``
+    (``TORCH_FIGURES``: no training curves) and returns the ``Report``.
 
     ``model`` is ``resnet18``/``resnet34`` (default: from the checkpoint's keys); width and class count
     come from the checkpoint (10 classes: CIFAR-10, 100: CIFAR-100). The images are normalized with
     ``mean``/``std``, the transform the model was trained with (default: kuangliu's). ``dataset``
     defaults to loading the test (or train) split from ``data_dir`` as ``--data-source auto`` does,
-    ``subset`` keeps that many images of it (stratified). Writes misclassified, Grad-CAM and confusion
-    pictures and report.json into ``out_dir`` (default: ``<checkpoint stem>_report`` beside the
-    file); returns the ``Report``. Needs torch. Raises ``JaxcifarError`` subclasses for an unreadable
-    or mismatching checkpoint, bad flags or data.
+    ``subset`` keeps that many images of it (stratified). Files go to ``out_dir`` (default:
+    ``<checkpoint stem>_report`` beside the checkpoint). Needs torch. Raises ``JaxcifarError``
+    subclasses for an unreadable or mismatching checkpoint, bad options or data.
     """
-    if split not in ("test", "train"):
-        raise ConfigError(f"--split {split!r}: a PyTorch checkpoint is reported on test or train")
+    options = options or ReportOptions()
+    if options.split not in ("test", "train"):
+        raise ConfigError(f"--split {options.split!r}: a PyTorch checkpoint is reported on test or train")
     for name, values in (("mean", mean), ("std", std)):
         if len(tuple(values)) != 3 or (name == "std" and min(values) <= 0):
             raise ConfigError(f"--{name} needs 3 values (R G B){', all > 0' if name == 'std' else ''}, got {values}")
@@ -233,20 +156,17 @@ def make_torch_report(
     if meta["num_classes"] not in datasets:
         raise CheckpointError(f"{checkpoint}: {meta['num_classes']} classes; the report knows CIFAR-10 and CIFAR-100")
     out = Path(out_dir) if out_dir else Path(checkpoint).with_name(f"{Path(checkpoint).stem}_report")
-    few = meta["num_classes"]  # one image per class of the split that is not reported (never decoded in full)
-    train_subset = subset if split == "train" else few
-    config = Config(
-        model=meta["model"],
-        width=meta["width"],
-        dataset=datasets[meta["num_classes"]],
-        data_dir=data_dir,
-        test_subset=subset if split == "test" else few,
-        train_subset=train_subset,
-        batch_size=min(Config.batch_size, train_subset or Config.batch_size),  # unused, but checked against the data
-        workdir=str(out),
-    )
-    dataset = dataset or load_dataset(config)
+    if dataset is None:
+        few = meta["num_classes"]  # one image per class of the split that is not reported (never decoded in full)
+        subsets = {"train_subset": subset, "test_subset": few}
+        if options.split == "test":
+            subsets = {"train_subset": few, "test_subset": subset}
+        # A Config of the data only (source, folder, subsets); batch_size 1: nothing is trained.
+        dataset = load_dataset(
+            Config(dataset=datasets[meta["num_classes"]], data_dir=data_dir, batch_size=1, **subsets)
+        )
     dataset = dataclasses.replace(dataset, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+    network = models.get_model(meta["model"], width=meta["width"], num_classes=meta["num_classes"])
     info = {
         "torch_checkpoint": str(checkpoint),
         "model": meta["model"],
@@ -256,21 +176,83 @@ def make_torch_report(
         "mean": list(dataset.mean),
         "std": list(dataset.std),
     }
-    return make_report(
-        out,
-        n=n,
-        layer=layer,
-        split=split,
-        dataset=dataset,
-        variables=variables,
-        config=config,
-        allow_small_layer=allow_small_layer,
-        out_dir=out,
-        dpi=dpi,
-        tta=tta,
-        training_curves=False,
-        checkpoint_info=info,
+    return explain(network, variables, dataset, options, out, {}, info)
+
+
+def explain(
+    model: nn.Module,
+    variables: dict[str, Any],
+    dataset: Dataset,
+    options: ReportOptions,
+    out: Path,
+    figures: dict[str, Figure],
+    checkpoint: dict[str, Any],
+) -> Report:
+    """Predicts ``options.split`` with ``model.apply(variables, ...)`` and writes into ``out`` the given
+    ``figures`` plus ``misclassified``, ``gradcam`` (of the predicted class, on the plain image) and
+    ``confusion`` PNGs and ``report.json`` (accuracy, loss, per-class accuracy, confusion matrix, the
+    mistakes, ``checkpoint`` as given). Returns the ``Report``; ConfigError for a Grad-CAM layer smaller
+    than 5x5 without ``options.allow_small_layer``, DataError for a split the dataset lacks."""
+    if out.exists() and not out.is_dir():
+        raise RunFileError(f"--out-dir {out} is a file, not a folder")
+    data = getattr(dataset, options.split)
+    if data is None:
+        raise DataError(f"--split {options.split}: this run has no {options.split} split (it needs --val-fraction > 0)")
+    layer, dpi = options.layer, options.dpi
+    try:
+        image_shape = (1, *data.images.shape[1:])
+        resolution = gradcam.check_layer(model, variables, image_shape, layer, options.allow_small_layer)
+    except ValueError as e:
+        raise ConfigError(f"--layer {layer}: {e}") from None
+    probs, preds = analysis.predict(
+        model, variables, data.images, dataset.mean, dataset.std, batch_size=EVAL_BATCH, tta=options.tta
     )
+    mistakes = analysis.misclassified(data.images, data.labels, probs, n=options.n)
+    confusion = analysis.confusion_matrix(data.labels, preds, dataset.num_classes)
+    per_class = analysis.per_class_accuracy(data.labels, preds, dataset.num_classes)
+    nll = -np.log(np.clip(probs[np.arange(len(data)), data.labels], 1e-12, None))
+    names = dataset.class_names
+    figures = dict(figures)
+    figures["misclassified"] = plots.plot_misclassified(
+        mistakes.images, mistakes.true, mistakes.pred, mistakes.confidence, names, n=options.n, dpi=dpi
+    )
+    layer_label = f"{layer}, {resolution[0]}x{resolution[1]}"
+    if len(mistakes):
+        normalized = transforms.normalize(mistakes.images, dataset.mean, dataset.std)
+        cams = gradcam.grad_cam(
+            model, variables, normalized, layer, targets=mistakes.pred, allow_small=options.allow_small_layer
+        )
+        figures["gradcam"] = plots.plot_gradcam(
+            mistakes.images, np.asarray(cams), mistakes.true, mistakes.pred, names, layer_label=layer_label, dpi=dpi
+        )
+    figures["confusion"] = plots.plot_confusion(confusion, names, dpi=dpi)
+
+    ensure_dir(out, "--out-dir")
+    paths = {name: out / f"{name}.png" for name in figures}
+    for name, fig in figures.items():
+        save_figure(fig, paths[name], dpi=dpi)
+    summary = {
+        "split": options.split,
+        "tta": options.tta,
+        "images": len(data),
+        "accuracy": float(np.mean(preds == data.labels)),
+        "loss": float(nll.mean()),
+        "checkpoint": checkpoint,
+        "layer": layer_label,
+        "class_names": list(names),
+        "per_class_accuracy": {c: float(a) for c, a in zip(names, per_class, strict=True)},
+        "confusion_matrix": confusion.tolist(),
+        "misclassified": [
+            {"index": int(i), "true": names[t], "pred": names[p], "confidence": float(c)}
+            for i, t, p, c in zip(mistakes.indices, mistakes.true, mistakes.pred, mistakes.confidence, strict=True)
+        ],
+        "figures": {name: path.name for name, path in paths.items()},
+    }
+    write_json(out / "report.json", summary)
+    return Report(summary=summary, figures=figures, paths=paths)
+
+
+EVAL_BATCH = 1000  # images per jitted prediction batch (the last one padded), as --eval-batch-size
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -290,7 +272,7 @@ def build_parser() -> cli.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        choices=available_models(),
+        choices=models.available_models(),
         help="With --torch-checkpoint: the architecture (default: told by the checkpoint's keys).",
     )
     parser.add_argument(
@@ -329,7 +311,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--data-dir", help="Read the data from here instead of the run's --data-dir.")
     parser.add_argument(
         "--tta",
-        choices=("none", "flip", "flip-translate"),
+        choices=transforms.TTA_MODES,
         default="none",
         help="Average predictions over test-time views (default: none; the report says which).",
     )
@@ -378,35 +360,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(args: Any) -> int:
     try:
+        options = ReportOptions(args.n, args.layer, args.split, args.tta, args.allow_small_layer)
         if args.torch_checkpoint is not None:
             report = make_torch_report(
                 args.torch_checkpoint,
                 args.model,
-                n=args.n,
-                layer=args.layer,
-                split=args.split,
+                options,
                 data_dir=args.data_dir,
                 mean=args.mean or interop.KUANGLIU_MEAN,
                 std=args.std or interop.KUANGLIU_STD,
                 subset=args.subset,
-                allow_small_layer=args.allow_small_layer,
                 out_dir=args.out_dir,
-                tta=args.tta,
             )
         else:
             config = load_run_config(args.workdir)
             if args.data_dir:
                 config = config.replace(data_dir=args.data_dir)
-            report = make_report(
-                args.workdir,
-                n=args.n,
-                layer=args.layer,
-                split=args.split,
-                config=config,
-                allow_small_layer=args.allow_small_layer,
-                out_dir=args.out_dir,
-                tta=args.tta,
-            )
+            report = make_report(args.workdir, options, config=config, out_dir=args.out_dir)
     except ConfigError as e:  # the library's hint names the Python argument; the CLI's flag is this one
         raise ConfigError(str(e).replace("allow_small=True", "--allow-small-layer")) from None
     summary = report.summary

@@ -15,12 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcifar import models, transforms
 from jaxcifar.config import Config
 from jaxcifar.errors import ConfigError
 
-STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 TENSORS_PER_CONV = 3  # conv output, BatchNorm output, ReLU output (kept for the backward pass)
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}
 
 
 def param_count(model: Any, image_shape: tuple[int, int, int] = (32, 32, 3)) -> int:
@@ -33,7 +32,7 @@ def param_count(model: Any, image_shape: tuple[int, int, int] = (32, 32, 3)) -> 
 
 def train_activation_values(config: Config) -> int:
     """Returns about how many activation values one training image keeps for the backward pass."""
-    blocks = STAGE_BLOCKS.get(config.model, STAGE_BLOCKS["resnet34"])
+    blocks = models.get_model(config.model).stage_sizes
     # Stage i holds (32 / 2^i)^2 x width x 2^i = 1024 x width / 2^i values per feature map.
     convs = 1 + sum(2 * n / 2**i for i, n in enumerate(blocks))  # the stem, and two convs per block
     return int(TENSORS_PER_CONV * 1024 * config.width * convs)
@@ -66,7 +65,7 @@ def check_fits(config: Config, model: Any, devices: list[Any]) -> None:
     available = device_memory_bytes(devices[0])
     if available is None:
         return
-    value_bytes = 2 if config.dtype == "bfloat16" else 4
+    value_bytes = jnp.dtype(models.COMPUTE_DTYPES[config.dtype]).itemsize
     params = param_count(model)
     copies = 3 + (config.optimizer != "sgd") + (config.ema_decay is not None)  # params, grads, moments, EMA
     state_bytes = params * 4 * copies
@@ -77,7 +76,7 @@ def check_fits(config: Config, model: Any, devices: list[Any]) -> None:
             f"{_gb(state_bytes)} for its training state, more than {where}; use a smaller --width"
         )
     per_train_image = train_activation_values(config) * value_bytes + 32 * 32 * 3 * 4
-    per_eval_image = TTA_VIEWS.get(config.tta, 6) * (32 * 32 * 3 + 2 * 1024 * config.width) * 4
+    per_eval_image = transforms.tta_view_count(config.tta) * (32 * 32 * 3 + 2 * 1024 * config.width) * 4
     for flag, batch, per_image in (
         ("--batch-size", config.batch_size, per_train_image),
         ("--eval-batch-size", config.eval_batch_size, per_eval_image),

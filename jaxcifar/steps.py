@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxcifar import parallel, transforms
+from jaxcifar import backend, parallel, transforms
+from jaxcifar.batches import Batch
 from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
-from jaxcifar.models.conv import compiler_options
 from jaxcifar.state import TrainState
 
-Batch = dict[str, jax.Array]  # {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,)]}
 Metrics = dict[str, jax.Array]
 
 
@@ -74,22 +73,7 @@ def train_step(
     return state, metrics
 
 
-# Eval-mode forwards on one CPU device run over chunks of at most this many images (``jax.lax.map``):
-# measured on 2 cores, ResNet18 width 64, one forward of 512 images ran at 80-87 images/s and in
-# chunks of 128 at 153 (1000 images: 131 vs 151; 128-256 images: the same). Train steps cannot be
-# chunked (BatchNorm's statistics are over the whole batch).
-CPU_EVAL_CHUNK = 128
-_MIN_CHUNK = 32  # a batch with no divisor between this and CPU_EVAL_CHUNK runs in one piece
-
-
-def eval_chunk(mesh: Mesh | None = None) -> int | None:
-    """Returns the eval forward chunk: ``CPU_EVAL_CHUNK`` when the step runs on one CPU device (a
-    one-device ``mesh``, as ``fit`` builds on a 1-CPU machine, or no mesh and one device), else None
-    (the whole batch)."""
-    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
-    if len(devices) > 1 or devices[0].platform != "cpu":
-        return None
-    return CPU_EVAL_CHUNK
+_MIN_CHUNK = 32  # a batch with no divisor between this and the chunk size runs in one piece
 
 
 def apply_in_chunks(apply: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
@@ -145,10 +129,12 @@ def make_train_step(
     mesh: Mesh | None = None,
     mix: MixSpec = NO_MIX,
     ema_decay: float | None = None,
+    xla_options: dict[str, str] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns ``train_step`` jitted with these static settings, donating the state.
 
     With a ``mesh``, the state is replicated and the batch sharded over its ``data`` axis.
+    ``xla_options`` defaults to ``backend.compiler_options()``.
     """
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -164,7 +150,7 @@ def make_train_step(
             ema_decay=ema_decay,
         )
 
-    options = compiler_options()
+    options = backend.compiler_options() if xla_options is None else xla_options
     if mesh is None:
         return jax.jit(step, donate_argnums=0, compiler_options=options)
     rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -172,42 +158,26 @@ def make_train_step(
 
 
 def make_eval_step(
-    mean: Sequence[float], std: Sequence[float], mesh: Mesh | None = None, tta: str = "none", ema: bool = False
+    mean: Sequence[float],
+    std: Sequence[float],
+    mesh: Mesh | None = None,
+    tta: str = "none",
+    ema: bool = False,
+    xla_options: dict[str, str] | None = None,
 ) -> Callable[[TrainState, Batch], Metrics]:
     """Returns ``eval_step`` jitted for this normalization, TTA mode and weights (raw or EMA).
 
-    The state is read, not donated (evaluation leaves it as it is).
+    The state is read, not donated (evaluation leaves it as it is). On one CPU device the forward
+    runs in chunks (``backend.eval_chunk``). ``xla_options`` defaults to ``backend.compiler_options()``.
     """
 
-    chunk = eval_chunk(mesh)
+    chunk = backend.eval_chunk(list(mesh.devices.flat) if mesh is not None else None)
 
     def step(state: TrainState, batch: Batch) -> Metrics:
         return eval_step(state, batch, mean=tuple(mean), std=tuple(std), tta=tta, ema=ema, chunk=chunk)
 
-    options = compiler_options()
+    options = backend.compiler_options() if xla_options is None else xla_options
     if mesh is None:
         return jax.jit(step, compiler_options=options)
     rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     return jax.jit(step, in_shardings=(rep, data), out_shardings=rep, compiler_options=options)
-
-
-def take_batch(images: jax.Array, labels: jax.Array, index_rows: jax.Array, row: jax.Array) -> Batch:
-    """Returns batch ``row`` of a device-resident split: ``index_rows`` is int32 (steps, B).
-
-    Negative indices mark padding: they fetch image 0 and get ``mask`` False. Returns
-    ``{"image": uint8 (B, H, W, 3), "label": int32 (B,), "mask": bool (B,)}``.
-    """
-    idx = jax.lax.dynamic_index_in_dim(index_rows, row, keepdims=False)
-    safe = jnp.maximum(idx, 0)
-    return {"image": images[safe], "label": labels[safe], "mask": idx >= 0}
-
-
-gather_batch = jax.jit(take_batch)  # ``take_batch`` jitted, output on the default device.
-
-
-def make_gather_batch(mesh: Mesh) -> Callable[[jax.Array, jax.Array, jax.Array, int], Batch]:
-    """Returns ``gather_batch`` whose output batch is sharded over ``mesh``'s ``data`` axis.
-
-    Each device gathers its own slice from its replica of the split: no host round trip.
-    """
-    return jax.jit(take_batch, out_shardings=parallel.batch_sharded(mesh))

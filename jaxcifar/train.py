@@ -10,7 +10,7 @@ if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends
 from collections.abc import Sequence
 
 from jaxcifar import cli
-from jaxcifar.trainer import fit
+from jaxcifar.pipeline import run
 from jaxcifar.workdir import describe_saved
 
 
@@ -30,11 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = cli.parse_config(parser, argv)
     cli.configure_logging()
 
-    def run() -> int:
-        fit(config)
+    def body() -> int:
+        run(config)
         return 0
 
-    return cli.run_command(parser.prog, run, lambda: describe_saved(config.workdir))
+    return cli.run_command(parser.prog, body, lambda: describe_saved(config.workdir))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ as torchvision's ``RandomCrop(32, padding=4)``), normalization comes last and re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,11 +61,20 @@ def cutout(rng: jax.Array, images: jax.Array, size: int) -> jax.Array:
     return jnp.where(mask[..., None], jnp.zeros((), images.dtype), images)
 
 
+# Training augmentations (``Config.augment``, ``--augment``), in ``augment``'s words.
+AUGMENT_MODES = ("none", "flip", "crop-flip", "crop-flip-cutout")
+
+
 def augment(rng: jax.Array, images: jax.Array, mode: str, cutout_size: int = 8) -> jax.Array:
-    """Applies the augmentation ``mode`` (see ``config.AUGMENTS``) to a uint8 batch, same shape/dtype."""
-    crop_key, flip_key, cutout_key = jax.random.split(rng, 3)
+    """Applies the augmentation ``mode`` (one of ``AUGMENT_MODES``) to a uint8 batch.
+
+    Returns the augmented batch, same shape and dtype. Raises ValueError naming the modes for any other ``mode``.
+    """
+    if mode not in AUGMENT_MODES:
+        raise ValueError(f"unknown augmentation {mode!r}; one of {', '.join(AUGMENT_MODES)}")
     if mode == "none":
         return images
+    crop_key, flip_key, cutout_key = jax.random.split(rng, 3)
     if mode in ("crop-flip", "crop-flip-cutout"):
         images = random_crop(crop_key, images)
     images = random_flip(flip_key, images)
@@ -74,23 +83,50 @@ def augment(rng: jax.Array, images: jax.Array, mode: str, cutout_size: int = 8) 
     return images
 
 
-TTA_MODES = ("none", "flip", "flip-translate")
+def _original(images: jax.Array) -> jax.Array:
+    return images
+
+
+def _mirror(images: jax.Array) -> jax.Array:
+    return images[:, :, ::-1, :]
+
+
+def _translate(dy: int, dx: int) -> Callable[[jax.Array], jax.Array]:
+    """The view shifted by ``(1 - dy, 1 - dx)`` pixels, zero-filled at the edge (dy, dx in {0, 1, 2})."""
+
+    def view(images: jax.Array) -> jax.Array:
+        h, w = images.shape[1:3]
+        padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return padded[:, dy : dy + h, dx : dx + w, :]
+
+    return view
+
+
+# Test-time augmentation (``Config.tta``, ``--tta``): each mode's views, in stacking order. The one table
+# that ``TTA_MODES``, ``tta_view_count`` and ``tta_views`` all read.
+_TTA_VIEWS: dict[str, tuple[Callable[[jax.Array], jax.Array], ...]] = {
+    "none": (_original,),
+    "flip": (_original, _mirror),
+    "flip-translate": (_original, _mirror, *(_translate(dy, dx) for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)))),
+}
+TTA_MODES = tuple(_TTA_VIEWS)
+
+
+def _tta_view_fns(mode: str) -> tuple[Callable[[jax.Array], jax.Array], ...]:
+    if mode not in _TTA_VIEWS:
+        raise ValueError(f"unknown TTA mode {mode!r}; one of {', '.join(TTA_MODES)}")
+    return _TTA_VIEWS[mode]
+
+
+def tta_view_count(mode: str) -> int:
+    """Returns how many views ``tta_views(images, mode)`` stacks (V). Raises ValueError for an unknown mode."""
+    return len(_tta_view_fns(mode))
 
 
 def tta_views(images: jax.Array, mode: str) -> jax.Array:
-    """Test-time views of a batch (B, H, W, C), stacked as (V, B, H, W, C).
+    """Test-time views of a batch (B, H, W, C), stacked as (V, B, H, W, C) (V = ``tta_view_count(mode)``).
 
     ``none``: the batch (V=1); ``flip``: + the mirror (V=2); ``flip-translate``: + the four 1-pixel
-    translations of the original (zero-filled edge; V=6).
+    translations of the original (zero-filled edge; V=6). Raises ValueError for a mode not in ``TTA_MODES``.
     """
-    if mode not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {mode!r}; one of {', '.join(TTA_MODES)}")
-    views = [images]
-    if mode in ("flip", "flip-translate"):
-        views.append(images[:, :, ::-1, :])
-    if mode == "flip-translate":
-        padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        h, w = images.shape[1:3]
-        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-            views.append(padded[:, dy : dy + h, dx : dx + w, :])
-    return jnp.stack(views)
+    return jnp.stack([view(images) for view in _tta_view_fns(mode)])

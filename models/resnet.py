@@ -6,9 +6,10 @@ conv + BN projection shortcut where the shape changes, global average pooling an
 Convolutions carry no bias and use symmetric 1-pixel padding, as PyTorch's ``padding=1`` does, so
 that stride-2 stages see exactly the same windows as the PyTorch reference.
 
-Convolutions go through ``models.conv``: on the CPU backend their weight gradient is computed as a
-matmul (much faster with XLA:CPU), elsewhere they are plain ``lax`` convolutions; ``conv_impl``
-chooses (``"auto"``, ``"lax"``, ``"matmul"``). Parameters are the same whatever the choice.
+Every convolution runs ``conv_general_dilated`` (default ``jax.lax.conv_general_dilated``), a field
+passed explicitly as flax's ``nn.Conv`` takes it: ``jaxcifar.backend`` hands in
+``jaxcifar.models.conv.CustomGradConv`` where its gradients are faster (XLA:CPU). Parameters are the
+same whatever the choice; the model itself reads no environment and no device.
 
 Each stage output is exposed for explanation methods (GradCAM) without changing the forward pass:
 ``sow('intermediates', 'layerK', ...)`` records the activation when the ``intermediates``
@@ -20,13 +21,12 @@ unless the caller asks for those collections.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-
-from jaxcifar.models.conv import make_conv_general_dilated
+from jax import lax
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -50,15 +50,12 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"
+    conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            dtype=self.dtype,
-            conv_general_dilated=make_conv_general_dilated(self.conv_impl),
+            nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
         )
         norm = functools.partial(
             nn.BatchNorm,
@@ -83,14 +80,15 @@ class ResNet(nn.Module):
 
     Logits are float32 for float32 and bfloat16 compute (float64 for ``dtype=float64``, e.g. to check
     numerics); parameters are float32 unless given otherwise.
-    ``conv_impl`` selects the convolution implementation (``models.conv``), not the parameters.
+    ``conv_general_dilated`` is the convolution primitive (``lax.conv_general_dilated``'s signature,
+    e.g. ``jaxcifar.models.conv.CustomGradConv()``); it changes the gradients' speed, not the parameters.
     """
 
     stage_sizes: Sequence[int]
     num_classes: int = 10
     width: int = 64
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"
+    conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -101,7 +99,7 @@ class ResNet(nn.Module):
             padding=_same_padding(3),
             use_bias=False,
             dtype=self.dtype,
-            conv_general_dilated=make_conv_general_dilated(self.conv_impl),
+            conv_general_dilated=self.conv_general_dilated,
             name="conv1",
         )(x)
         x = nn.BatchNorm(
@@ -112,7 +110,10 @@ class ResNet(nn.Module):
             features = self.width * 2**stage
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(features, strides, self.dtype, self.conv_impl, name=f"{name}_{block}")(x, train)
+                block_module = BasicBlock(
+                    features, strides, self.dtype, self.conv_general_dilated, name=f"{name}_{block}"
+                )
+                x = block_module(x, train)
             x = self.perturb(name, x)
             self.sow("intermediates", name, x)
         x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))

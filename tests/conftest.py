@@ -93,8 +93,8 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def real_run(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One epoch of ResNet18 (width 8) on 400 real shared images, with ``--report``: (config, FitResult)."""
-    from jaxcifar import Config, fit
+    """One epoch of ResNet18 (width 8) on 400 real shared images, with ``--report``: (config, RunResult)."""
+    from jaxcifar import Config, run
 
     config = Config(
         data_source="folder",
@@ -108,7 +108,7 @@ def real_run(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         report=True,
         workdir=str(tmp_path_factory.mktemp("real-run") / "run"),
     )
-    return config, fit(config, verbose=False)
+    return config, run(config, verbose=False)
 
 
 @pytest.fixture(scope="session")

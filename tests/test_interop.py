@@ -182,7 +182,8 @@ def test_empty_state_dict_and_bad_model_kwargs() -> None:
 
 def test_core_never_imports_torch() -> None:
     code = (
-        "import sys, jaxcifar, jaxcifar.interop, jaxcifar.report, jaxcifar.gradcam, jaxcifar.train, jaxcifar.models; "
+        "import sys, jaxcifar, jaxcifar.interop, jaxcifar.report, jaxcifar.gradcam, jaxcifar.train, jaxcifar.models, "
+        "jaxcifar.bench, jaxcifar.torch_resnet; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
@@ -257,3 +258,33 @@ def test_report_cli_torch_flag_errors(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert exit_info.value.code == code, argv
         assert text in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+def test_torch_resnet_state_dict_has_the_layout_interop_converts(name: str) -> None:
+    """jaxcifar.torch_resnet (the --compare-torch model, the equivalence tests' reference) has exactly the keys
+    and shapes of the independent transcription above, in interop's order."""
+    require("torch")
+    from jaxcifar import torch_resnet
+
+    state_dict = torch_resnet.make_resnet(name, width=4).state_dict()
+    expected = _kuangliu_numpy(_random_variables(name, width=4))
+    assert {k: tuple(v.shape) for k, v in state_dict.items()} == {k: np.shape(v) for k, v in expected.items()}
+    assert list(interop.to_torch_state_dict(interop.load_torch_state_dict(state_dict, name))) == list(state_dict)
+
+
+def test_torch_resnet_pools_globally_as_the_flax_model() -> None:
+    """At 40x40 layer4 is 5x5: global pooling (both models) differs from kuangliu's avg_pool2d(out, 4)."""
+    torch = require("torch")
+    from jaxcifar import torch_resnet
+
+    net = torch_resnet.make_resnet("resnet18", width=4, seed=2).eval()
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = net(x).numpy()
+    variables = interop.load_torch_state_dict(net.state_dict(), "resnet18")
+    model = models.get_model("resnet18", width=4)
+    logits = jax.jit(lambda v, im: model.apply(v, im, train=False))(
+        variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    )
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,7 @@ import pytest
 
 from jaxcifar import Config, ConfigError, DivergedError, JaxcifarError, fit, sizing
 from jaxcifar.files import read_history, write_json
-from jaxcifar.trainer import build_model
+from jaxcifar.network import build_model
 from jaxcifar.workdir import committed_steps, saved_epochs
 from tests.conftest import SYNTHETIC_RUN
 

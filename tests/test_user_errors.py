@@ -170,8 +170,7 @@ CASES = [
     train("keep-checkpoints-0", ["--keep-checkpoints", "0", *W], 2, "--keep-checkpoints"),
     train("label-smoothing-1", ["--label-smoothing", "1", *W], 2, "--label-smoothing"),
     train("folder-without-data-dir", ["--data-source", "folder", *W], 2, "--data-dir"),
-    train("env-xla-cpu-conv", W, 2, "JAXCIFAR_XLA_CPU_CONV", env={"JAXCIFAR_XLA_CPU_CONV": "bogus"}),
-    train("env-conv-impl", W, 2, "JAXCIFAR_CONV_IMPL", env={"JAXCIFAR_CONV_IMPL": "bogus"}),
+    train("conv-impl-unknown", ["--conv-impl", "cudnn", *W], 2, "--conv-impl"),
     # train: bad config files (exit 2)
     config_case("config-width-float", {"width": 4.5}, "width"),
     config_case("config-epochs-float", {"epochs": 2.5}, "epochs"),
@@ -227,7 +226,7 @@ CASES = [
     lr_find("start-0", ["--lr-find-start", "0", *W], 2, "--lr-find-start"),
     lr_find("steps-2", ["--lr-find-steps", "2", *W], 2, "--lr-find-steps"),
     lr_find("width-unfittable", ["--width", "30000", *W], 2, "--width", heavy=True),
-    lr_find("env-conv-impl", W, 2, "JAXCIFAR_CONV_IMPL", env={"JAXCIFAR_CONV_IMPL": "bogus"}),
+    lr_find("conv-impl-unknown", ["--conv-impl", "cudnn", *W], 2, "--conv-impl"),
     # bench
     bench("batch-size-0", ["--batch-size", "0"], 2, "--batch-size"),
     bench("steps-0", ["--steps", "0"], 2, "--steps"),
@@ -235,7 +234,7 @@ CASES = [
     bench("width-0", ["--width", "0"], 2, "--width"),
     bench("warmup-negative", ["--warmup", "-1"], 2, "--warmup"),
     bench("dtype-unknown", ["--dtype", "float16"], 2, "--dtype"),
-    bench("env-conv-impl", [], 2, "JAXCIFAR_CONV_IMPL", env={"JAXCIFAR_CONV_IMPL": "bogus"}),
+    bench("conv-unknown", ["--conv", "cudnn"], 2, "--conv"),
 ]
 
 
@@ -291,14 +290,15 @@ def test_user_error(case: Case, tmp_path, request, monkeypatch, capfd):
     for name, value in case.env.items():
         monkeypatch.setenv(name, subst(value))
     monkeypatch.chdir(tmp_path)
+    import jaxcifar.loop
     import jaxcifar.lr_find
+    import jaxcifar.pipeline
     import jaxcifar.steps
-    import jaxcifar.trainer
 
     monkeypatch.setattr(jaxcifar.steps, "make_train_step", tripwire("building a train step"))
     if case.heavy:
-        monkeypatch.setattr(jaxcifar.trainer, "load_dataset", tripwire("data loading"))
-        monkeypatch.setattr(jaxcifar.lr_find, "load_dataset", tripwire("data loading"))
+        for module in (jaxcifar.loop, jaxcifar.lr_find, jaxcifar.pipeline):
+            monkeypatch.setattr(module, "load_dataset", tripwire("data loading"))
     main = load_main(case.prog)
     before = tree_digest(tmp_path)
     capfd.readouterr()
@@ -338,7 +338,7 @@ def test_main_leaves_signal_handlers_as_it_found_them(tmp_path, capfd):
 # lines or tracebacks printed at exit). Started together: each costs an interpreter and a jax import.
 PROCESS_CASES = [
     ("train", [*TINY_ARGS, "--width", "30000", "--workdir", "{T}/w"], {}, 2, "fresh"),
-    ("train", [*TINY_ARGS, "--workdir", "{T}/w"], {"JAXCIFAR_CONV_IMPL": "bogus"}, 2, "fresh"),
+    ("train", [*TINY_ARGS, "--conv-impl", "cudnn", "--workdir", "{T}/w"], {}, 2, "fresh"),
     ("report", ["--workdir", "{T}/w"], {}, 1, "run-garbage-history"),
     ("lr_find", [*TINY_ARGS, "--workdir", "{T}/w"], {}, 1, "file"),
 ]

@@ -1,0 +1,110 @@
+"""Per-platform compile and execution policy: the one place that asks which devices a run has.
+
+- ``conv_general_dilated(impl, devices)``: the convolution primitive handed to the model
+  (``Config.conv_impl``): ``"lax"`` (XLA's convolution and gradients), ``"matmul"`` (the custom VJP of
+  ``jaxcifar.models.conv`` everywhere), ``"auto"`` (the custom VJP where it was measured faster on one
+  CPU device; XLA's own on GPU, TPU and several devices).
+- ``compiler_options()``: XLA flags for functions that run a model (on CPU, convolutions go to XLA's
+  Eigen kernels instead of YNNPACK); ``lazy_jit`` applies them to module-level functions.
+- ``eval_chunk(devices)``: eval-mode forwards on one CPU device run in chunks.
+
+Every threshold here was measured on the 2-core CPU this project is developed on (jaxlib 0.10);
+the figures are in ``experiments/cpu_conv/README.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax import lax
+
+from jaxcifar.models.conv import PATCH_BLOCK_BYTES, CustomGradConv
+
+CONV_IMPLS = ("auto", "lax", "matmul")
+XLA_CPU_CONVOLUTIONS = ("eigen", "ynnpack")
+
+# "auto" on one CPU device keeps XLA's gradients for convolutions (other than 1x1) below this many
+# forward FLOPs per call, and for stride-1 ones with at most AUTO_MIN_OUT_PIXELS output pixels.
+AUTO_MIN_FLOPS = 2.5e8
+AUTO_MIN_OUT_PIXELS = 8 * 8
+
+# Eval-mode forwards on one CPU device run over chunks of at most this many images (``jax.lax.map``).
+CPU_EVAL_CHUNK = 128
+
+
+def _devices(devices: Sequence[Any] | None) -> list[Any]:
+    return list(devices) if devices is not None else jax.devices()
+
+
+def is_single_cpu(devices: Sequence[Any] | None = None) -> bool:
+    """Returns whether ``devices`` (default: all of this process's view) is one CPU device."""
+    devices = _devices(devices)
+    return len(devices) == 1 and devices[0].platform == "cpu"
+
+
+def conv_general_dilated(impl: str = "auto", devices: Sequence[Any] | None = None) -> Callable[..., Any]:
+    """Returns the convolution primitive (``lax.conv_general_dilated``'s signature) for ``impl`` on
+    ``devices`` (default: ``jax.devices()``), to pass to the model. Raises ValueError for an unknown ``impl``."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv implementation {impl!r}; expected one of: {', '.join(CONV_IMPLS)}")
+    devices = _devices(devices)
+    if impl == "lax" or (impl == "auto" and not is_single_cpu(devices)):
+        return lax.conv_general_dilated
+    # With several devices the batch may be sharded: one weight-gradient matmul, no loop of collectives.
+    block_bytes = PATCH_BLOCK_BYTES if len(devices) == 1 else None
+    if impl == "matmul":
+        return CustomGradConv(block_bytes=block_bytes)
+    return CustomGradConv(min_flops=AUTO_MIN_FLOPS, min_out_pixels=AUTO_MIN_OUT_PIXELS, block_bytes=block_bytes)
+
+
+def describe_conv(impl: str = "auto", devices: Sequence[Any] | None = None) -> str:
+    """Returns what ``impl`` runs on ``devices``: ``"lax"``, ``"matmul"``, or ``"auto: ..."`` in words."""
+    chosen = conv_general_dilated(impl, devices)
+    if impl != "auto":
+        return impl
+    if chosen is lax.conv_general_dilated:
+        return "auto: lax"
+    return (
+        "auto: matmul weight gradient for 1x1, strided and larger-than-8x8 3x3 convolutions, "
+        "polyphase input gradient for strided ones, lax for the rest"
+    )
+
+
+def compiler_options(cpu_convolutions: str = "eigen", platform: str | None = None) -> dict[str, str]:
+    """Returns the XLA compiler options for functions that run a model on ``platform`` (default: JAX's
+    default backend): ``{}`` off CPU. On CPU, ``cpu_convolutions="eigen"`` keeps YNNPACK for dots and
+    reductions and gives convolutions to XLA's Eigen kernels (YNNPACK ran 64-channel convolutions on
+    one thread); ``"ynnpack"`` returns ``{}``, XLA's default, for comparison."""
+    if cpu_convolutions not in XLA_CPU_CONVOLUTIONS:
+        raise ValueError(f"cpu_convolutions={cpu_convolutions!r}; expected one of: {', '.join(XLA_CPU_CONVOLUTIONS)}")
+    if (platform or jax.default_backend()) != "cpu" or cpu_convolutions == "ynnpack":
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def lazy_jit(fun: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
+    """Returns ``fun`` jitted with ``compiler_options()`` (and ``jit_kwargs``), built on the first call.
+
+    For module-level functions (usable as a decorator via ``functools.partial``): choosing the
+    options at import time would initialize the JAX backend on ``import``, before a user could
+    call ``jax.distributed.initialize()``.
+    """
+    jitted = None
+
+    @functools.wraps(fun)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal jitted
+        if jitted is None:
+            jitted = jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+        return jitted(*args, **kwargs)
+
+    return call
+
+
+def eval_chunk(devices: Sequence[Any] | None = None) -> int | None:
+    """Returns the eval forward chunk size: ``CPU_EVAL_CHUNK`` when eval runs on one CPU device, else
+    None (the whole batch at once). Train steps are never chunked (BatchNorm's batch statistics)."""
+    return CPU_EVAL_CHUNK if is_single_cpu(devices) else None

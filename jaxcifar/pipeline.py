@@ -1,0 +1,69 @@
+"""A whole training run as the command line makes it: ``run(config)`` = LR range test (``--lr auto``)
+-> ``loop.fit`` -> report (``--report``). The one module that puts them together."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+from jaxcifar.config import Config
+from jaxcifar.data import Dataset, load_dataset
+from jaxcifar.loop import check_resume, echo, fit
+from jaxcifar.lr_find import LRFindResult, lr_find
+from jaxcifar.plots import figure_to_array
+from jaxcifar.report import Report, ReportOptions, make_report
+from jaxcifar.state import TrainState
+from jaxcifar.workdir import check_workdir
+from jaxcifar.writers import TensorBoardWriter
+
+
+class RunResult(NamedTuple):
+    """What ``run`` returns: the final state, the per-epoch history, the LR range test (with ``--lr auto``
+    on a fresh run, else None) and the report (with ``--report`` when epochs were trained, else None)."""
+
+    state: TrainState
+    history: list[dict[str, Any]]
+    lr_find: LRFindResult | None = None
+    report: Report | None = None
+
+
+def run(config: Config, dataset: Dataset | None = None, *, verbose: bool = True) -> RunResult:
+    """Trains ``config`` as ``python -m jaxcifar.train`` does and returns a ``RunResult``.
+
+    With ``config.lr == "auto"`` the LR range test runs first (``lr_find.png``/``.json`` in the workdir)
+    and its suggestion is the peak LR (a resumed run keeps its saved LR); with ``config.report`` the
+    pictures and report.json of the best checkpoint are written after training and logged to
+    TensorBoard. ``dataset`` overrides loading from ``config``. Raises what ``fit`` raises.
+    """
+    config, meta = check_resume(config, check_workdir(config.workdir), verbose=False)  # fails before any work
+    finished = meta is not None and int(meta["epoch"]) >= config.epochs
+    found = None
+    if config.lr == "auto":
+        dataset = dataset or load_dataset(config)
+        found = lr_find(config, dataset, out_dir=config.workdir, verbose=verbose)
+        echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see lr_find.png", verbose)
+        config = config.replace(lr=found.suggestion)
+    result = fit(config, dataset, verbose=verbose)
+    report = None
+    if config.report and not finished and jax.process_index() == 0:
+        report = make_report(config.workdir, ReportOptions(tta=config.tta), config=config, dataset=dataset)
+        log_report(report, config.workdir, epoch=len(result.history))
+        summary = report.summary
+        echo(
+            f"report: {summary['split']} accuracy {100 * summary['accuracy']:.2f}% (best checkpoint), "
+            f"{', '.join(p.name for p in report.paths.values())} in {config.workdir}",
+            verbose,
+        )
+    return RunResult(result.state, result.history, found, report)
+
+
+def log_report(report: Report, workdir: str, epoch: int) -> None:
+    """Logs the report's figures to the workdir's TensorBoard as images ``report/NAME`` at ``epoch``."""
+    writer = TensorBoardWriter(f"{workdir}/tensorboard")
+    try:
+        for name, figure in report.figures.items():
+            writer.add_image(f"report/{name}", figure_to_array(figure), epoch)
+        writer.flush()
+    finally:
+        writer.close()
