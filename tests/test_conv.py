@@ -1,6 +1,11 @@
-"""models.conv: the matmul weight-gradient convolution equals XLA's convolution and its autodiff."""
+"""models.conv and jaxcifar.backend's convolution policy: ``CustomGradConv`` (the matmul weight gradient
+and polyphase input gradient) equals XLA's convolution and its autodiff, and each platform gets the
+primitive and XLA options it was measured to need."""
 
 from __future__ import annotations
+
+import re
+from types import SimpleNamespace
 
 import chex
 import jax
@@ -10,21 +15,30 @@ import optax
 import pytest
 from jax import lax
 
-from jaxcifar import models
+from jaxcifar import backend, models
+from jaxcifar.config import Config
 from jaxcifar.models import conv as mconv
+from jaxcifar.models.conv import CustomGradConv
+from jaxcifar.network import build_model
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+CPU, GPU, TPU = (SimpleNamespace(platform=p) for p in ("cpu", "gpu", "tpu"))  # device-likes for backend
 
 
 def _reference(x, kernel, strides, padding):
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
-def _inputs(shape, kernel_shape, out_channels_seed=0, dtype=jnp.float32):
-    kx, kw, kg = jax.random.split(jax.random.PRNGKey(out_channels_seed), 3)
+def _inputs(shape, kernel_shape, seed=0, dtype=jnp.float32):
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
     kernel = (jax.random.normal(kw, kernel_shape, jnp.float32) / np.sqrt(np.prod(kernel_shape[:3]))).astype(dtype)
     return x, kernel, kg
+
+
+def _custom_calls(fn, *args) -> int:
+    """How many custom-VJP calls (convolutions that take ``models.conv``'s gradients) ``fn(*args)`` traces."""
+    return str(jax.make_jaxpr(fn)(*args)).count("custom_vjp_call")
 
 
 CASES = [
@@ -41,44 +55,64 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "blocked"])
+@pytest.mark.parametrize("block_bytes", [mconv.PATCH_BLOCK_BYTES, 1], ids=["one-block", "blocked"])
 @pytest.mark.parametrize(("shape", "kernel_shape", "strides", "padding"), CASES)
-def test_float32_gradients_equal_autodiff(shape, kernel_shape, strides, padding, blocked, monkeypatch):
-    """Forward, input gradient (polyphase where strided and divisible) and weight gradient equal lax's
-    within float32 rounding, whether the weight gradient is one matmul or a loop over batch blocks
-    (forced by a tiny block size)."""
-    if blocked:
-        monkeypatch.setattr(mconv, "PATCH_BLOCK_BYTES", 1)  # one image per block
+def test_float32_gradients_equal_autodiff(shape, kernel_shape, strides, padding, block_bytes):
+    """``CustomGradConv`` called as ``lax.conv_general_dilated`` takes the custom VJP, and its forward, input
+    gradient (polyphase where strided and divisible) and weight gradient equal lax's within float32 rounding,
+    whether the weight gradient is one matmul or a loop over batch blocks (``block_bytes=1``: one image each)."""
+    conv_fn = CustomGradConv(block_bytes=block_bytes)
     x, kernel, key = _inputs(shape, kernel_shape)
     out = _reference(x, kernel, strides, padding)
     cotangent = jax.random.normal(key, out.shape)
 
     def loss(conv_fn, x, kernel):
-        return jnp.sum(conv_fn(x, kernel, strides, padding) * cotangent)
+        return jnp.sum(conv_fn(x, kernel, strides, padding, dimension_numbers=NHWC) * cotangent)
 
-    want = jax.grad(loss, argnums=(1, 2))(_reference, x, kernel)
-    got = jax.grad(loss, argnums=(1, 2))(mconv.conv, x, kernel)
-    chex.assert_trees_all_close(mconv.conv(x, kernel, strides, padding), out, rtol=0, atol=0)
+    want = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(lax.conv_general_dilated, x, kernel)
+    got = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(conv_fn, x, kernel)
+    assert _custom_calls(lambda x, k: loss(conv_fn, x, k), x, kernel) == 1
+    chex.assert_trees_all_close(conv_fn(x, kernel, strides, padding, dimension_numbers=NHWC), out, rtol=0, atol=0)
     chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(got[1], want[1], rtol=1e-5, atol=1e-4)
-    assert got[1].dtype == jnp.float32
+    chex.assert_type(got[1], jnp.float32)
+
+
+@pytest.mark.parametrize(("shape", "kernel_shape", "strides", "padding"), [CASES[1], CASES[5]])
+def test_weight_gradient_does_not_depend_on_the_block_size(shape, kernel_shape, strides, padding):
+    """``block_bytes=None`` (one matmul over the batch, the sharded case) and small blocks (a ``scan`` over
+    1 or 2 images at a time) give the same weight gradient, equal to autodiff's."""
+    x, kernel, key = _inputs(shape, kernel_shape)
+    g = jax.random.normal(key, _reference(x, kernel, strides, padding).shape)
+    _, vjp = jax.vjp(lambda k: _reference(x, k, strides, padding), kernel)
+    want = vjp(g)[0]
+    per_image = int(np.prod(g.shape[1:3])) * int(np.prod(kernel_shape[:3])) * x.dtype.itemsize
+    grads = {}
+    for block_bytes in (None, 1, 2 * per_image):
+        fn = jax.jit(lambda x, g, b=block_bytes: mconv.weight_grad(x, g, kernel_shape[:2], strides, padding, b))
+        assert ("scan" in str(jax.make_jaxpr(fn)(x, g))) == (block_bytes is not None), block_bytes  # really blocked
+        grads[block_bytes] = fn(x, g)
+    chex.assert_trees_all_close(grads[1], grads[None], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads[2 * per_image], grads[None], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads[None], want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(("shape", "kernel_shape", "strides", "padding"), CASES[:4])
 def test_bfloat16_gradients_match_float32_reference(shape, kernel_shape, strides, padding):
-    """With bfloat16 inputs both implementations return bfloat16 gradients; both are within bfloat16
+    """With bfloat16 inputs both primitives return bfloat16 gradients; both are within bfloat16
     rounding (2^-8 relative, a few roundings) of the float32 gradient of the same bf16 values."""
     x, kernel, key = _inputs(shape, kernel_shape, dtype=jnp.bfloat16)
     cotangent = jax.random.normal(key, _reference(x, kernel, strides, padding).shape).astype(jnp.bfloat16)
 
     def loss(conv_fn, x, kernel):
-        return jnp.sum((conv_fn(x, kernel, strides, padding) * cotangent).astype(jnp.float32))
+        out = conv_fn(x, kernel, strides, padding, dimension_numbers=NHWC)
+        return jnp.sum((out * cotangent).astype(jnp.float32))
 
-    exact = jax.grad(loss, argnums=(1, 2))(_reference, x.astype(jnp.float32), kernel.astype(jnp.float32))
-    for conv_fn in (_reference, mconv.conv):
-        grads = jax.grad(loss, argnums=(1, 2))(conv_fn, x, kernel)
-        for got, want in zip(grads, exact, strict=True):
-            assert got.dtype == jnp.bfloat16
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
+    exact = grad(lax.conv_general_dilated, x.astype(jnp.float32), kernel.astype(jnp.float32))
+    for conv_fn in (lax.conv_general_dilated, CustomGradConv()):
+        for got, want in zip(grad(conv_fn, x, kernel), exact, strict=True):
+            chex.assert_type(got, jnp.bfloat16)
             scale = float(jnp.abs(want).max())
             assert float(jnp.abs(got.astype(jnp.float32) - want).max()) <= 2e-2 * scale
 
@@ -91,61 +125,123 @@ def test_bfloat16_gradients_match_float32_reference(shape, kernel_shape, strides
         {"feature_group_count": 2},
         {"padding": "SAME"},
         {"dimension_numbers": ("NCHW", "OIHW", "NCHW")},
+        {"precision": lax.Precision.HIGHEST},
+        {"preferred_element_type": jnp.float32},
     ],
-    ids=["rhs-dilation", "lhs-dilation", "groups", "string-padding", "nchw"],
+    ids=["rhs-dilation", "lhs-dilation", "groups", "string-padding", "nchw", "precision", "element-type"],
 )
 def test_unsupported_configurations_fall_back_to_lax(kwargs):
+    """What the custom VJP does not handle runs lax's convolution (no custom-VJP call), same values and gradients."""
     x, kernel, _ = _inputs((2, 6, 6, 4), (3, 3, 4, 4))
     if kwargs.get("feature_group_count"):
         kernel = kernel[:, :, :2]
     args = {"window_strides": (1, 1), "padding": ((1, 1), (1, 1)), "dimension_numbers": NHWC, **kwargs}
     if args["dimension_numbers"] != NHWC:
         x, kernel = x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1)
-    conv_fn = mconv.make_conv_general_dilated("matmul")
+    conv_fn = CustomGradConv()
+    assert _custom_calls(lambda x, k: conv_fn(x, k, **args), x, kernel) == 0
     want = lax.conv_general_dilated(x, kernel, **args)
     chex.assert_trees_all_close(conv_fn(x, kernel, **args), want)
     grads = jax.grad(lambda k: jnp.sum(conv_fn(x, k, **args) ** 2))(kernel)
     chex.assert_trees_all_close(grads, jax.grad(lambda k: jnp.sum(lax.conv_general_dilated(x, k, **args) ** 2))(kernel))
 
 
-def test_resolve_impl_follows_backend_and_environment(monkeypatch):
-    monkeypatch.delenv(mconv.ENV_VAR, raising=False)
-    expected = "matmul" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "lax"
-    assert mconv.resolve_impl("auto") == expected
-    assert mconv.resolve_impl("lax") == "lax"
-    assert mconv.resolve_impl("matmul") == "matmul"
-    monkeypatch.setenv(mconv.ENV_VAR, "lax")
-    assert mconv.resolve_impl("auto") == "lax"
-    assert mconv.resolve_impl("matmul") == "matmul"  # an explicit choice wins over the environment
-    monkeypatch.setenv(mconv.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match="JAXCIFAR_CONV_IMPL"):
-        mconv.resolve_impl("auto")
+AUTO = CustomGradConv(min_flops=backend.AUTO_MIN_FLOPS, min_out_pixels=backend.AUTO_MIN_OUT_PIXELS)
+
+
+@pytest.mark.parametrize(
+    ("impl", "devices", "expected"),
+    [
+        ("auto", [CPU], AUTO),
+        ("auto", [CPU, CPU], lax.conv_general_dilated),
+        ("auto", [GPU], lax.conv_general_dilated),
+        ("auto", [TPU], lax.conv_general_dilated),
+        ("lax", [CPU], lax.conv_general_dilated),
+        ("lax", [GPU, GPU], lax.conv_general_dilated),
+        ("matmul", [CPU], CustomGradConv()),
+        ("matmul", [GPU], CustomGradConv()),
+        ("matmul", [CPU, CPU], CustomGradConv(block_bytes=None)),  # a sharded batch: no loop of collectives
+        ("matmul", [GPU, GPU, GPU, GPU], CustomGradConv(block_bytes=None)),
+    ],
+    ids="auto-cpu auto-2cpu auto-gpu auto-tpu lax-cpu lax-2gpu matmul-cpu matmul-gpu matmul-2cpu matmul-4gpu".split(),
+)
+def test_backend_chooses_the_convolution_per_platform(impl, devices, expected):
+    """``auto`` takes the custom gradients only on one CPU device, XLA's on GPU, TPU and several devices;
+    ``lax`` and ``matmul`` are what they say, ``matmul`` over several devices with one weight-gradient matmul."""
+    chosen = backend.conv_general_dilated(impl, devices)
+    assert chosen == expected and type(chosen) is type(expected)
+    words = {"lax": "lax", "matmul": "matmul", "auto": "auto: matmul" if chosen == AUTO else "auto: lax"}[impl]
+    assert backend.describe_conv(impl, devices).startswith(words)
+    # Config.conv_impl reaches the model through network.build_model
+    assert build_model(Config(width=4, conv_impl=impl), devices).conv_general_dilated == expected
+
+
+def test_backend_defaults_to_this_process_devices_and_rejects_unknown_impls():
+    assert backend.conv_general_dilated() == backend.conv_general_dilated("auto", jax.devices())
+    with pytest.raises(ValueError, match=r"'cudnn'.*auto, lax, matmul"):
+        backend.conv_general_dilated("cudnn", [CPU])
     with pytest.raises(ValueError, match="auto, lax, matmul"):
-        mconv.resolve_impl("cudnn")
+        backend.describe_conv("matmult")
+
+
+def _conv_sites(conv_fn, x_shape, kernel_shape, strides=(1, 1)) -> int:
+    pad = kernel_shape[0] // 2
+    return _custom_calls(
+        lambda x, k: conv_fn(x, k, strides, ((pad, pad), (pad, pad)), dimension_numbers=NHWC),
+        jax.ShapeDtypeStruct(x_shape, jnp.float32),
+        jax.ShapeDtypeStruct(kernel_shape, jnp.float32),
+    )
+
+
+def test_auto_uses_the_custom_gradients_only_where_they_pay():
+    """On one CPU device, "auto" keeps XLA's gradients for small convolutions (as fast, quicker to
+    compile) and for large 3x3 stride-1 ones at 8x8 and below (XLA's as fast or faster there), and
+    uses the custom VJP for 1x1 and large strided or larger-than-8x8 3x3 convolutions."""
+    auto = backend.conv_general_dilated("auto", [CPU])
+    small, large = ((8, 8, 8, 16), (3, 3, 16, 16)), ((128, 16, 16, 128), (3, 3, 128, 128))
+    assert 2 * 8 * 64 * 9 * 16 * 16 < backend.AUTO_MIN_FLOPS <= 2 * 128 * 256 * 9 * 128 * 128
+    assert not _conv_sites(auto, *small)
+    assert _conv_sites(auto, *large)
+    assert _conv_sites(auto, (128, 32, 32, 64), (3, 3, 64, 128), (2, 2))
+    assert not _conv_sites(auto, (8, 8, 8, 16), (3, 3, 16, 32), (2, 2))
+    assert _conv_sites(auto, (128, 32, 32, 64), (3, 3, 64, 64))
+    assert not _conv_sites(auto, (128, 8, 8, 256), (3, 3, 256, 256))
+    assert not _conv_sites(auto, (128, 4, 4, 512), (3, 3, 512, 512))
+    assert _conv_sites(auto, (8, 8, 8, 16), (1, 1, 16, 32), (2, 2))
+    assert _conv_sites(backend.conv_general_dilated("matmul", [CPU]), *small)  # "matmul": every convolution
+    assert not _conv_sites(backend.conv_general_dilated("lax", [CPU]), *large)
 
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    """ResNet18 width 4 built with each implementation, and variables initialized by the lax one."""
+    """ResNet18 width 4 with each primitive, and variables initialized by the lax one."""
     from jaxcifar.state import init_variables
 
-    built = {impl: models.get_model("resnet18", width=4, conv_impl=impl) for impl in ("lax", "matmul")}
+    built = {
+        "lax": models.get_model("resnet18", width=4),
+        "custom": models.get_model("resnet18", width=4, conv_general_dilated=CustomGradConv()),
+    }
     return built, init_variables(built["lax"], jax.random.PRNGKey(0))
 
 
-def test_parameters_do_not_depend_on_the_implementation(tiny_models):
-    """Same names, shapes and initial values: checkpoints and the PyTorch mapping are unaffected."""
+def test_parameters_do_not_depend_on_the_primitive(tiny_models):
+    """Same names, shapes and initial values: checkpoints and the PyTorch mapping are unaffected. Models
+    built with equal primitives compare (and hash) equal, so jit caches keyed on them still hit."""
     from jaxcifar.state import init_variables
 
     built, variables = tiny_models
-    chex.assert_trees_all_equal(init_variables(built["matmul"], jax.random.PRNGKey(0)), variables)
+    assert built["lax"].conv_general_dilated is lax.conv_general_dilated  # the model's default
+    chex.assert_trees_all_equal(init_variables(built["custom"], jax.random.PRNGKey(0)), variables)
     params = variables["params"]
     assert params["layer2_0"]["shortcut_conv"]["kernel"].shape == (1, 1, 4, 8)
     assert set(params["layer1_0"]["conv1"]) == {"kernel"}  # no bias
+    twin = models.get_model("resnet18", width=4, conv_general_dilated=CustomGradConv())
+    assert twin == built["custom"] and hash(twin) == hash(built["custom"]) and twin != built["lax"]
 
 
 def test_whole_model_loss_and_gradients_match(tiny_models):
-    """Train-mode loss, parameter gradients and BatchNorm updates of the whole ResNet18 agree."""
+    """Train-mode loss, parameter gradients and BatchNorm updates of the whole ResNet18 agree, with the
+    custom VJP on all 20 of its convolutions (stem, 16 in blocks, 3 shortcuts) and on none with lax."""
     built, variables = tiny_models
     images = jax.random.normal(jax.random.PRNGKey(1), (6, 32, 32, 3))
     labels = jnp.arange(6) % 10
@@ -157,23 +253,17 @@ def test_whole_model_loss_and_gradients_match(tiny_models):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, updates["batch_stats"]
 
-    results = {
-        impl: jax.jit(jax.value_and_grad(lambda p, m=model: loss_fn(m, p), has_aux=True))(variables["params"])
-        for impl, model in built.items()
-    }
+    results, sites = {}, {}
+    for name, model in built.items():
+        sites[name] = _custom_calls(lambda p, m=model: loss_fn(m, p), variables["params"])
+        results[name] = jax.jit(jax.value_and_grad(lambda p, m=model: loss_fn(m, p), has_aux=True))(variables["params"])
+    assert sites == {"lax": 0, "custom": 20}
     (loss_lax, stats_lax), grads_lax = results["lax"]
-    (loss_mm, stats_mm), grads_mm = results["matmul"]
+    (loss_mm, stats_mm), grads_mm = results["custom"]
     chex.assert_trees_all_close(loss_mm, loss_lax, rtol=1e-6)
     chex.assert_trees_all_close(stats_mm, stats_lax, rtol=1e-5, atol=1e-6)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_lax))
     chex.assert_trees_all_close(grads_mm, grads_lax, rtol=1e-4, atol=1e-5 * scale)
-
-
-def _uses_matmul(conv_fn, x_shape, kernel_shape, strides=(1, 1)):
-    x, kernel = jnp.zeros(x_shape), jnp.zeros(kernel_shape)
-    pad = kernel_shape[0] // 2
-    jaxpr = jax.make_jaxpr(lambda x, k: conv_fn(x, k, strides, ((pad, pad), (pad, pad)), dimension_numbers=NHWC))
-    return "custom_vjp" in str(jaxpr(x, kernel))
 
 
 def test_polyphase_input_gradient_is_used_where_the_sides_divide():
@@ -190,50 +280,47 @@ def test_polyphase_input_gradient_is_used_where_the_sides_divide():
         chex.assert_trees_all_close(got, vjp(g)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_compiler_options_give_cpu_convolutions_to_eigen(monkeypatch):
-    """On CPU the options keep XLA's convolution op (Eigen kernels) instead of a YNNPACK fusion;
-    ``$JAXCIFAR_XLA_CPU_CONV=ynnpack`` restores XLA's defaults; an unknown value is an error.
-    Fails if a new jaxlib renames or drops the option (then the speed-up is gone: re-measure)."""
-    monkeypatch.delenv(mconv.XLA_CPU_CONV_ENV_VAR, raising=False)
+def test_compiler_options_are_for_cpu_only_and_reject_unknown_choices():
+    assert backend.compiler_options(platform="gpu") == backend.compiler_options("ynnpack", platform="gpu") == {}
+    assert backend.compiler_options(platform="tpu") == {}
+    assert backend.compiler_options("ynnpack", platform="cpu") == {}  # XLA's default, for comparison
+    assert backend.compiler_options(platform="cpu")  # eigen: not XLA's default
+    with pytest.raises(ValueError, match="eigen, ynnpack"):
+        backend.compiler_options("mkl", platform="cpu")
+
+
+def _ynn_placement(text: str) -> dict[str, set[bool]]:
+    """For the convolution and dot instructions of the compiled HLO ``text``: {op: {whether it runs inside a
+    YNNPACK fusion (a computation called by a ``__ynn_fusion``), for each instruction}}."""
+    bodies = {}  # computation name -> its instructions
+    for block in re.split(r"\n\s*\n", text):
+        header = re.match(r"\s*(?:ENTRY\s+)?%([\w.\-]+)\s*\(", block)
+        if header:
+            bodies[header.group(1)] = block
+    ynn = set(re.findall(r"calls=%([\w.\-]+)[^\n]*__ynn_fusion", text))  # computations YNNPACK runs
+    placement = {"convolution": set(), "dot": set()}
+    for name, body in bodies.items():
+        for op in placement:
+            if re.search(rf"= \S+ {op}\(", body):
+                placement[op].add(name in ynn)
+    return placement
+
+
+def test_compiler_options_give_cpu_convolutions_to_eigen():
+    """Positive control: XLA's default compile ("ynnpack", ``{}``) runs a 64-channel convolution inside a
+    YNNPACK fusion; ``compiler_options()`` (eigen) runs it as XLA's own convolution op (Eigen kernels) and
+    still gives the dot to YNNPACK. Fails if the option stops having that effect (a new jaxlib renaming or
+    dropping it, or YNNPACK no longer taking convolutions: then re-measure experiments/cpu_conv)."""
     if jax.default_backend() != "cpu":
-        assert mconv.compiler_options() == {}
-        return
+        pytest.skip("XLA:CPU compiler options; compiler_options() is {} on this backend")
     x, kernel, _ = _inputs((2, 8, 8, 64), (3, 3, 64, 64))
+    w = jnp.ones((64, 64))
 
-    def compiled_text(options):
-        fn = jax.jit(lambda x, k: _reference(x, k, (1, 1), ((1, 1), (1, 1))), compiler_options=options)
-        return fn.lower(x, kernel).compile().as_text()
+    def fn(x, k, w):
+        return _reference(x, k, (1, 1), ((1, 1), (1, 1))), x.reshape(-1, 64) @ w
 
-    options = mconv.compiler_options()
-    assert options
-    text = compiled_text(options)
-    assert " convolution(" in text and "__ynn_fusion" not in text
-    monkeypatch.setenv(mconv.XLA_CPU_CONV_ENV_VAR, "ynnpack")
-    assert mconv.compiler_options() == {}
-    monkeypatch.setenv(mconv.XLA_CPU_CONV_ENV_VAR, "mkl")
-    with pytest.raises(ValueError, match="JAXCIFAR_XLA_CPU_CONV"):
-        mconv.compiler_options()
+    def placement(options):
+        return _ynn_placement(jax.jit(fn, compiler_options=options).lower(x, kernel, w).compile().as_text())
 
-
-def test_auto_uses_the_custom_gradients_only_where_they_pay(monkeypatch):
-    """On one CPU device, "auto" keeps XLA's gradients for small convolutions (as fast, quicker to
-    compile) and for large 3x3 stride-1 ones at 8x8 and below (XLA's as fast or faster there), and
-    uses the custom VJP for 1x1 and large strided or larger-than-8x8 3x3 convolutions."""
-    monkeypatch.delenv(mconv.ENV_VAR, raising=False)
-    if mconv.resolve_impl("auto") != "matmul":
-        pytest.skip("auto is lax on this backend")
-    auto, forced = mconv.make_conv_general_dilated("auto"), mconv.make_conv_general_dilated("matmul")
-    small, large = ((8, 8, 8, 16), (3, 3, 16, 16)), ((128, 16, 16, 128), (3, 3, 128, 128))
-    assert 2 * 8 * 64 * 9 * 16 * 16 < mconv.AUTO_MIN_FLOPS <= 2 * 128 * 256 * 9 * 128 * 128
-    assert not _uses_matmul(auto, *small)
-    assert _uses_matmul(auto, *large)
-    assert _uses_matmul(auto, (128, 32, 32, 64), (3, 3, 64, 128), (2, 2))
-    assert not _uses_matmul(auto, (8, 8, 8, 16), (3, 3, 16, 32), (2, 2))
-    assert _uses_matmul(auto, (128, 32, 32, 64), (3, 3, 64, 64))
-    assert not _uses_matmul(auto, (128, 8, 8, 256), (3, 3, 256, 256))
-    assert not _uses_matmul(auto, (128, 4, 4, 512), (3, 3, 512, 512))
-    assert _uses_matmul(auto, (8, 8, 8, 16), (1, 1, 16, 32), (2, 2))
-    assert _uses_matmul(forced, *small)
-    assert not _uses_matmul(mconv.make_conv_general_dilated("lax"), *large)
-    monkeypatch.setenv(mconv.ENV_VAR, "matmul")  # the environment forces it everywhere
-    assert _uses_matmul(auto, *small)
+    assert placement(backend.compiler_options("ynnpack")) == {"convolution": {True}, "dot": {True}}
+    assert placement(backend.compiler_options()) == {"convolution": {False}, "dot": {True}}

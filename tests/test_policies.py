@@ -16,8 +16,8 @@ from jaxcifar import Config, load_dataset, optim, steps, transforms
 from jaxcifar.checkpoint import Checkpointer
 from jaxcifar.lr_find import lr_find, valley
 from jaxcifar.mixing import MixSpec, mix_batch, mix_targets
+from jaxcifar.network import build_model
 from jaxcifar.state import TrainState, create_train_state
-from jaxcifar.trainer import build_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -162,15 +162,66 @@ class PoolThenDense(nn.Module):
         return nn.Dense(10, name="linear")(x.mean(axis=(1, 2)))
 
 
-def test_tta_flip_changes_nothing_for_a_flip_invariant_model():
-    model = PoolThenDense()
-    images = jax.random.randint(jax.random.PRNGKey(0), (16, 32, 32, 3), 0, 256).astype(jnp.uint8)
+def _shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``images`` (B, H, W, C) moved by ``dy`` rows down and ``dx`` columns right (np.roll), with the pixels
+    that wrap around set to zero: a 1-pixel translation with a zero-filled edge."""
+    out = np.roll(images, (dy, dx), axis=(1, 2))
+    if dy:
+        out[:, 0 if dy > 0 else -1] = 0
+    if dx:
+        out[:, :, 0 if dx > 0 else -1] = 0
+    return out
+
+
+def test_tta_views_are_the_original_its_mirror_and_four_translations():
+    images = np.asarray(jax.random.randint(jax.random.PRNGKey(5), (3, 32, 32, 3), 1, 256).astype(jnp.uint8))
+    mirror = images[:, :, ::-1]
+    np.testing.assert_array_equal(transforms.tta_views(jnp.asarray(images), "none"), images[None])
+    np.testing.assert_array_equal(transforms.tta_views(jnp.asarray(images), "flip"), np.stack([images, mirror]))
+    views = np.asarray(transforms.tta_views(jnp.asarray(images), "flip-translate"))
+    chex.assert_shape(views, (6, 3, 32, 32, 3))
+    np.testing.assert_array_equal(views[:2], np.stack([images, mirror]))
+    # the four 1-pixel translations of the original, each once, in any order (the mean over views ignores it)
+    expected = [_shifted(images, dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    matches = [[i for i, e in enumerate(expected) if np.array_equal(view, e)] for view in views[2:]]
+    assert sorted(i for found in matches for i in found) == [0, 1, 2, 3], matches
+
+
+class FlattenThenDense(nn.Module):
+    """Dense on the flattened pixels: its logits change when an image is mirrored."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(10, name="linear")(x.reshape(x.shape[0], -1))
+
+
+def _eval_state(model: nn.Module) -> TrainState:
     params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), batch_stats={}, rng=None)
-    batch = {"image": images, "label": jnp.arange(16) % 10, "mask": jnp.ones(16, bool)}
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), batch_stats={}, rng=None)
+
+
+def test_tta_flip_changes_nothing_for_a_flip_invariant_model():
+    images = jax.random.randint(jax.random.PRNGKey(0), (16, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    labels = np.arange(16) % 10
+    batch = {"image": images, "label": jnp.asarray(labels), "mask": jnp.ones(16, bool)}
+    state = _eval_state(PoolThenDense())
     plain = steps.eval_step(state, batch, mean=MEAN, std=STD)
     flipped = steps.eval_step(state, batch, mean=MEAN, std=STD, tta="flip")
     chex.assert_trees_all_close(plain, flipped, rtol=1e-6)
+    # A model that sees the mirror: TTA "flip" is the NLL of the mean softmax over the image and its
+    # horizontal mirror (recomputed here), not over the image twice or its vertical flip.
+    state = _eval_state(FlattenThenDense())
+    x = (np.asarray(images, np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)
+    probs = np.mean([jax.nn.softmax(state.apply_fn({"params": state.params}, v)) for v in (x, x[:, :, ::-1])], axis=0)
+    want = {
+        "loss_sum": -np.log(probs[np.arange(16), labels]).sum(),
+        "correct": float((probs.argmax(-1) == labels).sum()),
+        "count": 16.0,
+    }
+    got = jax.device_get(steps.eval_step(state, batch, mean=MEAN, std=STD, tta="flip"))
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
+    plain = steps.eval_step(state, batch, mean=MEAN, std=STD)
+    assert abs(float(plain["loss_sum"]) - want["loss_sum"]) > 1e-2  # the mirror view changed the prediction
 
 
 def test_onecycle_momentum_matches_pytorch_documented_values():
@@ -186,17 +237,42 @@ def test_onecycle_momentum_matches_pytorch_documented_values():
     assert np.argmin(values) == np.argmax(lrs)
 
 
-def test_cycled_momentum_is_what_the_optimizer_uses():
-    config = Config(cycle_momentum=True, optimizer="sgd", nesterov=False, weight_decay=0.0)
+def _pytorch_one_cycle(step: int, total: int, start: float, peak: float, end: float, pct_start: float) -> float:
+    """PyTorch ``OneCycleLR``'s two cosine phases (its ``_annealing_cos``) at ``step``, written out in numpy:
+    ``start`` at step 0, ``peak`` at step ``pct_start * total - 1``, ``end`` at step ``total - 1``."""
+    peak_step = pct_start * total - 1
+    if step <= peak_step:
+        pct, a, b = step / peak_step, start, peak
+    else:
+        pct, a, b = (step - peak_step) / (total - 1 - peak_step), peak, end
+    return b + (a - b) / 2 * (1 + np.cos(np.pi * pct))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_cycled_momentum_is_what_the_optimizer_uses(nesterov):
+    """31 updates (past the LR peak at step 29) move the parameters exactly as PyTorch's
+    ``SGD(momentum, nesterov, weight_decay)`` step under ``OneCycleLR(cycle_momentum=True)`` would, written
+    out in numpy: d = g + wd * p; buf = m_k * buf + d; p -= lr_k * (d + m_k * buf if nesterov else buf)."""
+    config = Config(cycle_momentum=True, optimizer="sgd", nesterov=nesterov, weight_decay=5e-4, epochs=20)
+    total = 100
     tx, _ = optim.make_training_optimizer(config, steps_per_epoch=5)  # 20 epochs x 5 = 100 steps
-    params = {"w": jnp.zeros(3)}
+    start = np.array([1.0, -2.0, 0.5])
+    params = {"w": jnp.asarray(start, jnp.float32)}
     opt_state = tx.init(params)
-    seen = []
-    for _ in range(31):
-        _, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
-        seen.append(float(opt_state[-1].hyperparams["momentum"]))
-    # injected hyperparameters hold the value used at the update just made (steps 0..30)
-    assert seen[0] == pytest.approx(0.95) and seen[29] == pytest.approx(0.85)
+    lr0 = config.lr / config.div_factor
+    one_cycle = lambda k, a, b, c: _pytorch_one_cycle(k, total, a, b, c, config.pct_start)  # noqa: E731
+    assert one_cycle(0, 0.95, 0.85, 0.95) == 0.95 and one_cycle(29, 0.95, 0.85, 0.95) == pytest.approx(0.85)
+    p, buf = start, np.zeros(3)
+    for k, g in enumerate(np.random.default_rng(0).normal(size=(31, 3))):
+        updates, opt_state = tx.update({"w": jnp.asarray(g, jnp.float32)}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        lr = one_cycle(k, lr0, config.lr, lr0 / config.final_div_factor)
+        m = one_cycle(k, config.max_momentum, config.base_momentum, config.max_momentum)
+        d = g + config.weight_decay * p
+        buf = m * buf + d  # PyTorch's first step sets buf = d: the same from buf = 0
+        p = p - lr * (d + m * buf if nesterov else buf)
+        np.testing.assert_allclose(params["w"], p, rtol=1e-5, atol=1e-6, err_msg=f"after update {k}")
+    assert np.abs(p - start).max() > 0.5  # the updates moved the parameters
 
 
 def test_lr_find_cli_rejects_bad_values(capsys):

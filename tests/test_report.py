@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
+from matplotlib.colors import Normalize
 from PIL import Image
 
-from jaxcifar.report import FIGURES, main, make_report
+from jaxcifar import load_dataset
+from jaxcifar.report import FIGURES, ReportOptions, main, make_report
 
 
 def _image_tags(workdir: Path) -> set[str]:
@@ -29,13 +32,35 @@ def _image_tags(workdir: Path) -> set[str]:
     return tags
 
 
+def _packed(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) RGB colors as int64 (...) 0xRRGGBB."""
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _fraction_shown(png: np.ndarray, image: np.ndarray) -> float:
+    """The fraction of the uint8 (H, W, 3) ``image``'s pixels whose color (+-1 per channel) occurs in ``png``.
+    A gallery drawn pixel-exact (nearest) holds nearly all of them; another image holds few of them."""
+    offsets = np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1]), -1).reshape(-1, 3)
+    candidates = np.clip(image.reshape(-1, 1, 3).astype(int) + offsets, 0, 255)  # (pixels, 27, 3)
+    return float(np.isin(_packed(candidates), np.unique(_packed(png))).any(-1).mean())
+
+
 def test_train_with_report_writes_pictures_and_tensorboard_images(real_run):
     config, _ = real_run
     workdir = Path(config.workdir)
-    for name in FIGURES:
-        image = np.asarray(Image.open(workdir / f"{name}.png"))
-        assert image.ndim == 3 and image.std() > 0, name
+    pngs = {name: np.asarray(Image.open(workdir / f"{name}.png").convert("RGB")) for name in FIGURES}
     summary = json.loads((workdir / "report.json").read_text())
+    # the galleries show the misclassified test images themselves (pixel colors), the matrix its counts' colors
+    mistakes = load_dataset(config).test.images[[m["index"] for m in summary["misclassified"]]]
+    for name in ("misclassified", "gradcam"):
+        shown = [_fraction_shown(pngs[name], image) for image in mistakes]
+        assert min(shown) >= 0.9, (name, np.round(shown, 3))
+    cm = np.asarray(summary["confusion_matrix"])
+    cells = matplotlib.colormaps["Blues"](Normalize(cm.min(), cm.max())(cm), bytes=True)[..., :3]
+    assert _fraction_shown(pngs["confusion"], cells) == 1.0
+    for name in ("curves", "lr"):  # the first line's color (matplotlib's C0) is drawn
+        assert np.isin(_packed(np.uint8([[31, 119, 180]])), _packed(pngs[name])).all(), name
     assert summary["split"] == "test" and summary["images"] == 200
     assert len(summary["misclassified"]) == 10
     confidences = [m["confidence"] for m in summary["misclassified"]]
@@ -71,9 +96,20 @@ def test_report_refuses_layer4_on_32px_and_bad_workdirs(real_run, tmp_path, caps
 
 
 def test_make_report_returns_figures(real_run, tmp_path):
-    config, result = real_run
-    variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
-    report = make_report(config.workdir, n=3, variables=variables, config=config, out_dir=tmp_path)
+    config, _ = real_run
+    report = make_report(config.workdir, ReportOptions(n=3), config=config, out_dir=tmp_path)
     assert set(report.figures) == set(FIGURES)
     assert all(path.is_file() for path in report.paths.values())
     assert len(report.summary["misclassified"]) == 3
+    # the figures show the summary's mistakes (titles, pixels), its confusion matrix and the run's history
+    mistakes, test_images = report.summary["misclassified"], load_dataset(config).test.images
+    for ax, m in zip(report.figures["misclassified"].axes, mistakes, strict=True):
+        assert ax.get_title() == f"{m['true']} → {m['pred']} ({100 * m['confidence']:.0f}%)"
+        np.testing.assert_allclose(np.asarray(ax.get_images()[0].get_array()), test_images[m["index"]] / 255, atol=1e-6)
+    titles = [ax.get_title() for ax in report.figures["gradcam"].axes[::2]]
+    assert titles == [f"{m['true']} → {m['pred']}" for m in mistakes]
+    confusion = report.figures["confusion"].axes[0].get_images()[0].get_array()
+    np.testing.assert_array_equal(confusion, report.summary["confusion_matrix"])
+    history = json.loads((Path(config.workdir) / "history.json").read_text())
+    (test_loss,) = [line for line in report.figures["curves"].axes[0].get_lines() if line.get_label() == "test"]
+    np.testing.assert_allclose(test_loss.get_ydata(), [r["test_loss"] for r in history])

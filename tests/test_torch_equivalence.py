@@ -1,6 +1,6 @@
 """Numerical equivalence with PyTorch: logits, state_dict round trip, pytorch-grad-cam, SGD + OneCycleLR.
 
-The reference is ``tests/kuangliu_resnet.py`` (kuangliu/pytorch-cifar's ResNet, PyTorch defaults) with
+The reference is ``jaxcifar.torch_resnet`` (kuangliu/pytorch-cifar's ResNet, PyTorch defaults) with
 non-trivial BatchNorm statistics and affine values. Needs torch (and ``grad-cam`` for the Grad-CAM
 comparison): skipped without them, failing instead when JAXCIFAR_REQUIRE_TORCH=1 (CI).
 
@@ -11,12 +11,11 @@ Training: per-step losses and final weights within 1e-4 relative, run in float64
 of zero, whose gradient then jumps between 0 and 1; over these 10 steps PyTorch float32 ends 3e-2
 (losses) and 1e-1 (weights) away from PyTorch float64, and jaxcifar float32 likewise, so a float32
 trajectory comparison measures rounding luck, not semantics. The float32 path is compared on one step
-(same weights in, same loss and weights out).
+(same weights in, same loss and weights out), once with XLA's convolution gradients and once with
+``CustomGradConv``'s (matmul weight gradients, polyphase input gradients) on every convolution.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +29,11 @@ torch = require("torch")
 
 from jaxcifar import gradcam, interop, models, optim, steps, transforms  # noqa: E402
 from jaxcifar.config import Config  # noqa: E402
+from jaxcifar.models.conv import CustomGradConv  # noqa: E402
 from jaxcifar.models.resnet import BN_MOMENTUM  # noqa: E402
 from jaxcifar.sources import make_synthetic  # noqa: E402
 from jaxcifar.state import TrainState  # noqa: E402
-from tests.kuangliu_resnet import make_resnet  # noqa: E402
+from jaxcifar.torch_resnet import make_resnet  # noqa: E402
 
 torch.set_num_threads(1)  # these small convolutions run ~20x slower on 2 threads on this 2-core machine
 
@@ -185,7 +185,14 @@ def test_grad_cam_matches_pytorch_grad_cam(resnet18_pair, layer: str, explicit: 
 def _pytorch_training(net, images: np.ndarray, labels: np.ndarray, lr: float, dtype, onecycle: bool) -> list[float]:
     """PyTorch SGD(momentum 0.9, no nesterov, weight_decay 5e-4), with OneCycleLR(cycle_momentum=False)
     over the batches when ``onecycle``, else a constant LR; one step per batch of (steps, B, 32, 32, 3)
-    uint8 images, normalized with jaxcifar's own ``normalize``. Returns the per-step losses."""
+    uint8 images. Each batch is normalized in torch as torchvision's ``ToTensor`` + ``Normalize`` do (float32
+    x / 255, then (x - mean) / std per channel), and jaxcifar's ``normalize`` must give the same within float32
+    rounding (max 2 ulps, 4.8e-7, seen). The network then gets jaxcifar's bits: XLA:CPU's x / 255 is not
+    correctly rounded (42 % of the pixels differ from torch's and numpy's in the last bit), and such input
+    differences flip ReLUs (see above): fed torch's values, the float64 losses moved by up to 6 % within the 10
+    steps. Returns the per-step losses."""
+    mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=False, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=len(images), pct_start=0.3, div_factor=25.0, final_div_factor=1e4,
@@ -194,8 +201,10 @@ def _pytorch_training(net, images: np.ndarray, labels: np.ndarray, lr: float, dt
     net.train()
     losses = []
     for batch, target in zip(images, labels, strict=True):
-        x = np.asarray(transforms.normalize(jnp.asarray(batch), MEAN, STD)).transpose(0, 3, 1, 2)
-        logits = net(torch.from_numpy(x.copy()).to(dtype))
+        x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255) - mean) / std  # ToTensor, Normalize
+        ours = np.asarray(transforms.normalize(jnp.asarray(batch), MEAN, STD)).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=1e-6, err_msg="normalize differs from torch's")
+        logits = net(torch.from_numpy(ours.copy()).to(dtype))
         loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(target).long())
         opt.zero_grad()
         loss.backward()
@@ -207,20 +216,26 @@ def _pytorch_training(net, images: np.ndarray, labels: np.ndarray, lr: float, dt
 
 
 def _jaxcifar_training(
-    variables: dict, images: np.ndarray, labels: np.ndarray, lr: float, dtype, width: int, onecycle: bool
+    variables: dict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    lr: float,
+    dtype,
+    width: int,
+    onecycle: bool,
+    conv_general_dilated=jax.lax.conv_general_dilated,
 ) -> tuple[list[float], TrainState]:
     """``steps.train_step`` (augment none) with ``optim``'s SGD (momentum 0.9, no nesterov, weight decay
-    5e-4) and the onecycle (else constant) schedule over the batches. Returns (losses, final state)."""
+    5e-4) and the onecycle (else constant) schedule over the batches, the model's convolutions running
+    ``conv_general_dilated`` (default XLA's: ``CustomGradConv`` accumulates its weight gradient in float32,
+    so not for float64). Returns (losses, final state)."""
     config = Config(
         optimizer="sgd", lr=lr, momentum=0.9, nesterov=False, weight_decay=5e-4,
         schedule="onecycle" if onecycle else "constant", pct_start=0.3, div_factor=25.0,
         final_div_factor=1e4, epochs=1, batch_size=images.shape[1], augment="none",
     )  # fmt: skip
     tx = optim.make_optimizer(config, optim.make_schedule(config, steps_per_epoch=len(images)))
-    fields = {f.name for f in dataclasses.fields(models.ResNet)}
-    # XLA's own convolution gradients: the CPU matmul weight gradient (models.conv) accumulates in float32
-    extra = {"conv_impl": "lax"} if "conv_impl" in fields and dtype == jnp.float64 else {}
-    model = models.get_model("resnet18", width=width, dtype=dtype, **extra)
+    model = models.get_model("resnet18", width=width, dtype=dtype, conv_general_dilated=conv_general_dilated)
     logits = jax.eval_shape(
         lambda v, im: model.apply(v, im, train=False), variables, jax.ShapeDtypeStruct((1, 32, 32, 3), dtype)
     )
@@ -276,19 +291,37 @@ def test_training_matches_pytorch_sgd_onecycle_float64() -> None:
             assert _rel(got[key].numpy(), value.numpy()) <= 1e-4, key
 
 
-def test_one_float32_training_step_matches_pytorch() -> None:
-    """The production float32 path (default convolutions): one SGD step at LR 0.4 from the same weights
-    gives the same loss and weights within 1e-4 (the schedule is covered in float64 above)."""
-    width, lr = 8, 0.4
+@pytest.fixture(scope="module")
+def float32_step() -> tuple[dict, np.ndarray, np.ndarray, list[float], dict]:
+    """One PyTorch float32 SGD step at LR 0.4, ResNet18 width 8, batch 16, computed once for both primitives:
+    (state_dict before, images, labels, losses, state_dict after)."""
     images, labels = _synthetic_batches(1, 16)
-    net = make_resnet("resnet18", width=width, seed=9)
+    net = make_resnet("resnet18", width=8, seed=9)
     start = {k: v.clone() for k, v in net.state_dict().items()}
-    variables = interop.load_torch_state_dict(net.state_dict(), "resnet18")
-    ours, state = _jaxcifar_training(variables, images, labels, lr, jnp.float32, width, onecycle=False)
-    ref = _pytorch_training(net, images, labels, lr, torch.float32, onecycle=False)
+    losses = _pytorch_training(net, images, labels, 0.4, torch.float32, onecycle=False)
+    return start, images, labels, losses, net.state_dict()
+
+
+@pytest.mark.parametrize(
+    "conv_general_dilated", [jax.lax.conv_general_dilated, CustomGradConv()], ids=["lax", "custom-vjp"]
+)
+def test_one_float32_training_step_matches_pytorch(float32_step, conv_general_dilated) -> None:
+    """The production float32 paths, both convolution primitives: XLA's (GPU, TPU, several devices) and
+    ``CustomGradConv`` on every convolution (what "auto" runs on one CPU device for the large ones: matmul
+    weight gradients in patch blocks, polyphase input gradients for the stride-2 ones). One SGD step at LR
+    0.4 from the same weights gives the same loss and weights within 1e-4 (the schedule: float64 above)."""
+    start, images, labels, ref, final = float32_step
+    variables = interop.load_torch_state_dict({k: v.clone() for k, v in start.items()}, "resnet18")
+    if isinstance(conv_general_dilated, CustomGradConv):  # all 20 convolutions take the custom VJP
+        model = models.get_model("resnet18", width=8, conv_general_dilated=conv_general_dilated)
+        jaxpr = jax.make_jaxpr(lambda v, im: model.apply(v, im, train=False))(variables, images[0].astype(np.float32))
+        assert str(jaxpr).count("custom_vjp_call") == 20
+    ours, state = _jaxcifar_training(
+        variables, images, labels, 0.4, jnp.float32, 8, onecycle=False, conv_general_dilated=conv_general_dilated
+    )
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
     got = interop.to_torch_state_dict(state)
-    for key, value in net.state_dict().items():
+    for key, value in final.items():
         if key.endswith(("weight", "bias", "running_mean")):
             assert _rel(got[key].numpy(), value.numpy()) <= 1e-4, key
-    assert _rel(start["linear.weight"].numpy(), net.linear.weight.detach().numpy()) > 1e-2  # the step moved it
+    assert _rel(start["linear.weight"].numpy(), final["linear.weight"].numpy()) > 1e-2  # the step moved it
