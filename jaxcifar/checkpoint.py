@@ -49,6 +49,8 @@ RESUME_FREE_FIELDS = (
     "lr_find_end",
     "lr_find_steps",
     "conv_impl",  # speed only: a run started on a CPU may go on on a GPU
+    "compile_cache",
+    "async_checkpoints",
 )
 
 
@@ -107,22 +109,31 @@ def _show(value: Any) -> str:
 class Checkpointer:
     """Saves and restores ``TrainState`` + JSON metadata with two orbax managers (latest, best).
 
-    Saves are synchronous: when ``save`` returns, the checkpoint is committed on disk (so the
-    history written after it never lists an epoch without a checkpoint); a failed write raises
-    CheckpointError naming the folder and the OS error.
+    With ``asynchronous`` (the default) ``save`` returns once the arrays are copied, and orbax writes
+    them in the background; ``wait`` (called before the next save and by ``close``) returns once the
+    pending save is committed on disk, so a caller that writes its history after ``wait`` never lists
+    an epoch without a checkpoint. Otherwise ``save`` returns committed. A failed write raises
+    CheckpointError naming the folder and the OS error (from ``save``, or from the ``wait`` after it).
     """
 
-    def __init__(self, workdir: str | Path, keep: int = 2):
+    def __init__(self, workdir: str | Path, keep: int = 2, asynchronous: bool = True):
         workdir = Path(workdir).absolute()
         self.workdir = workdir
         self.unreadable: list[int] = []
-        self.latest = _manager(workdir / "checkpoints", keep)
-        self.best = _manager(workdir / "best", 1)
+        self.asynchronous = asynchronous
+        self.pending: int | None = None  # the step being written in the background
+        self.latest = _manager(workdir / "checkpoints", keep, asynchronous)
+        self.best = _manager(workdir / "best", 1, asynchronous)
 
     def save(self, state: TrainState, meta: dict[str, Any], is_best: bool) -> None:
-        """Saves the state as the latest checkpoint, and as best when ``is_best``; returns once committed."""
+        """Saves the state as the latest checkpoint, and as best when ``is_best``: returns once committed,
+        or (``asynchronous``) once the arrays are copied and the write is under way (first waiting for the
+        previous save)."""
+        self.wait()
         step = int(state.step)
         items = checkpoint_items(state)
+        if self.asynchronous:  # the train step donates the state's buffers: write from a copy of them
+            items = jax.tree.map(jnp.copy, items)
         args = ocp.args.Composite(state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta))
         managers = [self.latest, self.best] if is_best else [self.latest]
         # Refuse before writing when the disk clearly has no room: orbax's failure on a full disk leaves
@@ -139,9 +150,11 @@ class Checkpointer:
                 if step in manager.all_steps():  # a copy of this step from before a resume re-did it
                     manager.delete(step)
                 manager.save(step, args=args, force=True)
-                manager.wait_until_finished()
             except Exception as e:  # orbax/tensorstore wrap OS errors (full disk, permissions) in many types
                 raise CheckpointError(f"cannot save checkpoint {manager.directory}/{step}: {_first_line(e)}") from None
+        self.pending = step
+        if not self.asynchronous:
+            self.wait()
 
     def restore_latest(self, template: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
         """Returns (state, meta) of the newest intact checkpoint, or None when there is none.
@@ -171,9 +184,14 @@ class Checkpointer:
         self.unreadable = []
 
     def wait(self) -> None:
-        """Blocks until pending saves are on disk."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        """Returns once the pending save (if any) is committed on disk; CheckpointError if it failed."""
+        for manager in (self.latest, self.best):
+            try:
+                manager.wait_until_finished()
+            except Exception as e:  # the background write's error surfaces here
+                step, self.pending = self.pending, None
+                raise CheckpointError(f"cannot save checkpoint {manager.directory}/{step}: {_first_line(e)}") from None
+        self.pending = None
 
     def close(self) -> None:
         """Finishes pending saves and releases the managers."""
@@ -182,8 +200,8 @@ class Checkpointer:
         self.best.close()
 
 
-def _manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+def _manager(directory: Path, keep: int | None, asynchronous: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous)
     try:
         return ocp.CheckpointManager(directory, options=options)
     except OSError as e:

@@ -37,7 +37,13 @@ class Config:
     # Model.
     model: str = _field("resnet18", "Model name.", choices=models.available_models())
     width: int = _field(64, "Base channel count of the ResNet (64 is the standard ResNet18/34).")
-    dtype: str = _field("float32", "Compute dtype; params and optimizer state stay float32.", choices=DTYPES)
+    dtype: str = _field(
+        "float32",
+        "Compute dtype; params, optimizer state, BatchNorm statistics and the loss stay float32. bfloat16 for TPUs "
+        "and A100/H100/L4-class GPUs; float16 (with dynamic loss scaling; overflowing steps are skipped) for GPUs "
+        "without bfloat16 tensor cores (T4, V100); float32 on CPU.",
+        choices=DTYPES,
+    )
     conv_impl: str = _field(
         "auto",
         "Convolution implementation (speed only, same parameters and results up to float rounding): lax = XLA's "
@@ -143,7 +149,19 @@ class Config:
     workdir: str = _field("runs/resnet18", "Directory for config.json, history.json, checkpoints, TensorBoard.")
     resume: bool = _field(False, "Continue the run in --workdir from its latest checkpoint.")
     keep_checkpoints: int = _field(2, "How many latest checkpoints to keep (the best one is kept apart).")
+    async_checkpoints: bool = _field(
+        True,
+        "Write each epoch's checkpoint in the background while the next epoch trains (the run waits only "
+        "before the next save and at the end; history.json lists an epoch once its checkpoint is committed); "
+        "--no-async-checkpoints writes it before going on.",
+    )
     log_every: int = _field(20, "Refresh the progress bar's loss/acc every this many steps.")
+    compile_cache: bool = _field(
+        True,
+        "Keep compiled steps in a persistent XLA compilation cache ($JAXCIFAR_CACHE_DIR/xla, default "
+        "~/.cache/jaxcifar/xla; JAX_COMPILATION_CACHE_DIR wins when set), so a re-run of the same configuration "
+        "loads them instead of compiling (--no-compile-cache turns it off).",
+    )
     report: bool = _field(
         False,
         "After training, write curves, misclassified and Grad-CAM galleries (layer3), the confusion matrix and "

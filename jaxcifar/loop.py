@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxcifar import optim, parallel, sizing, steps
+from jaxcifar import backend, optim, parallel, sizing, steps
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
 from jaxcifar.config import Config
@@ -39,7 +39,9 @@ from jaxcifar.evaluation import Evaluator
 from jaxcifar.files import ensure_dir
 from jaxcifar.mixing import MixSpec
 from jaxcifar.network import build_model
+from jaxcifar.sources import default_cache_dir
 from jaxcifar.state import TrainState, create_train_state, param_count
+from jaxcifar.timing import Timing
 from jaxcifar.workdir import WorkdirLock, check_not_in_use, check_workdir, saved_epochs
 from jaxcifar.writers import MetricWriter
 
@@ -87,6 +89,7 @@ class Run:
     checkpointer: Checkpointer
     mix_enabled: bool
     verbose: bool
+    timing: Timing
 
 
 def echo(message: str, verbose: bool) -> None:
@@ -122,7 +125,7 @@ def restore(config: Config, model: Any, meta: dict[str, Any], mesh: Mesh, workdi
     steps_per_epoch = int(meta["step"]) // int(meta["epoch"])
     tx, _ = optim.make_training_optimizer(config, steps_per_epoch)
     template = create_train_state(model, tx, config.seed, ema=config.ema_decay is not None)
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, asynchronous=False)
     try:
         restored = checkpointer.restore_latest(template)
     finally:
@@ -134,7 +137,9 @@ def restore(config: Config, model: Any, meta: dict[str, Any], mesh: Mesh, workdi
     return Restored(state, list(meta["history"]), float(meta["best"]), steps_per_epoch, checkpointer.unreadable)
 
 
-def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True) -> FitResult:
+def fit(
+    config: Config, dataset: Dataset | None = None, *, verbose: bool = True, timing: Timing | None = None
+) -> FitResult:
     """Trains ``config.model`` as configured and returns ``FitResult(state, history)``.
 
     Writes ``config.json``, ``history.json``, checkpoints and TensorBoard events to
@@ -144,10 +149,14 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
     finished run is returned as it is. ``dataset`` overrides loading from ``config``'s source.
     ``config.lr`` must be a number (``jaxcifar.run`` resolves ``"auto"`` first). Raises
     ``JaxcifarError`` subclasses on user errors (before anything in the workdir changes), and
-    ``DivergedError`` when the loss becomes non-finite (the diverged epoch is not saved).
+    ``DivergedError`` when the loss becomes non-finite (the diverged epoch is not saved). ``timing``
+    collects the seconds of data loading, compiling, training, evaluation and checkpoint waits.
     """
+    timing = timing or Timing()
     workdir = check_workdir(config.workdir)
     config, meta = check_resume(config, workdir, verbose)
+    if config.compile_cache:
+        backend.enable_compile_cache(default_cache_dir() / "xla")
     optim.peak_lr(config)  # a number: --lr auto is resolved by jaxcifar.run before fit
     mesh, model = mesh_and_model(config)
     restored = restore(config, model, meta, mesh, workdir) if meta is not None else None
@@ -159,7 +168,8 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
         )
         return FitResult(restored.state, restored.history)
     echo(parallel.describe(mesh), verbose)
-    dataset = checked_dataset(config, dataset, restored)
+    with timing.phase("data"):
+        dataset = checked_dataset(config, dataset, restored)
     tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
     if restored is None:
         state = create_train_state(model, tx, config.seed, ema=config.ema_decay is not None)
@@ -173,7 +183,7 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
     with WorkdirLock(workdir) if is_main else contextlib.nullcontext():
         if is_main and restored is None:
             config.save(workdir / "config.json")
-        run = set_up(config, dataset, state, history, schedule, mesh, workdir, is_main, verbose)
+        run = set_up(config, dataset, state, history, schedule, mesh, workdir, is_main, verbose, timing)
         if is_main and restored is not None:
             run.checkpointer.unreadable = list(restored.unreadable)
             run.checkpointer.set_aside_unreadable()
@@ -181,10 +191,16 @@ def fit(config: Config, dataset: Dataset | None = None, *, verbose: bool = True)
             for epoch in range(len(history) + 1, config.epochs + 1):
                 state, record = train_epoch(run, state, epoch)
                 record.update(evaluate_epoch(run, state))
+                timing.add("train", record["train_seconds"])
+                timing.add("eval", record["eval_seconds"])
                 best = select_and_save(run, state, record, best)
         finally:
-            run.checkpointer.close()
-            run.writer.close()
+            try:
+                with timing.phase("checkpoint"):
+                    run.checkpointer.close()  # the last save is committed:
+                run.writer.write_history()  # history.json lists it
+            finally:
+                run.writer.close()
     return FitResult(state, run.writer.history)
 
 
@@ -230,10 +246,12 @@ def set_up(
     workdir: Path,
     is_main: bool = True,
     verbose: bool = True,
+    timing: Timing | None = None,
 ) -> Run:
     """Returns the ``Run`` of ``config``: the splits replicated on ``mesh``'s devices, the train and eval
     steps compiled for ``state`` (once per run), the history writer (``history.json`` rewritten as
-    ``history`` stands) and the checkpointer of ``workdir``."""
+    ``history`` stands) and the checkpointer of ``workdir``. ``timing`` gets the compile seconds."""
+    timing = timing or Timing()
     on_all = parallel.replicated(mesh)
     train = DeviceSplit.put(dataset.train, on_all)
     splits = {"test": DeviceSplit.put(dataset.test, on_all)}
@@ -265,10 +283,11 @@ def set_up(
     gather = make_gather_batch(mesh)
     shuffle_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xDA7A)
     t0 = time.perf_counter()
-    rows = shuffled_index_rows(shuffle_key, len(train), steps_per_epoch, config.batch_size)
-    train_step = train_step.lower(state, gather(train.images, train.labels, rows, 0)).compile()
-    for evaluator in evaluators.values():
-        evaluator.compile(state)
+    with timing.phase("compile"):
+        rows = shuffled_index_rows(shuffle_key, len(train), steps_per_epoch, config.batch_size)
+        train_step = train_step.lower(state, gather(train.images, train.labels, rows, 0)).compile()
+        for evaluator in evaluators.values():
+            evaluator.compile(state)
     echo(f"compile: {time.perf_counter() - t0:.1f}s (train and eval steps, once per run)", verbose)
     writer = MetricWriter(workdir, history, enabled=is_main)
     writer.write_history()  # matches the checkpoint resumed from (an older one when the newest was broken)
@@ -284,9 +303,10 @@ def set_up(
         evaluators=evaluators,
         schedule=schedule,
         writer=writer,
-        checkpointer=Checkpointer(workdir, keep=config.keep_checkpoints),
+        checkpointer=Checkpointer(workdir, keep=config.keep_checkpoints, asynchronous=config.async_checkpoints),
         mix_enabled=mix.enabled,
         verbose=verbose,
+        timing=timing,
     )
 
 
@@ -359,8 +379,9 @@ def check_loss(run: Run, what: str, loss: float, epoch: int, step: int) -> None:
 
 def select_and_save(run: Run, state: TrainState, record: dict[str, Any], best: float) -> float:
     """Checks the epoch's losses, then checkpoints ``state`` (also as best when its selection accuracy,
-    EMA and validation first, beats ``best``), then appends ``record`` to the history, and prints the
-    epoch's summary line. Returns the new best accuracy. Nothing is saved for a diverged epoch."""
+    EMA and validation first, beats ``best``), appends ``record`` to the history (TensorBoard at once,
+    ``history.json`` once its checkpoint is committed: at the next save or the end of ``fit``) and prints
+    the epoch's summary line. Returns the new best accuracy. Nothing is saved for a diverged epoch."""
     config = run.config
     for key, value in record.items():  # a non-finite eval loss would make a non-finite "best"
         if key.endswith("_loss") and (key == "train_loss" or not math.isfinite(value)):
@@ -372,10 +393,14 @@ def select_and_save(run: Run, state: TrainState, record: dict[str, Any], best: f
         record["train_acc_of"] = "dominant label"
     prefix = "ema_" if config.ema_decay is not None else ""
     selection = record.get(f"{prefix}val_acc", record[f"{prefix}test_acc"])
+    with run.timing.phase("checkpoint"):
+        run.checkpointer.wait()  # the previous epoch's checkpoint is committed:
+    run.writer.write_history()  # history.json lists it, and nothing newer
     meta = {"epoch": record["epoch"], "step": record["step"], "history": [*run.writer.history, record]}
     meta["best"] = max(best, selection)
-    run.checkpointer.save(state, meta, selection > best)  # committed before history.json lists the epoch
-    run.writer.write_epoch(record)
+    with run.timing.phase("checkpoint"):
+        run.checkpointer.save(state, meta, selection > best)
+    run.writer.write_epoch(record, history=False)
     echo(summary_line(record, config.epochs), run.verbose)
     return meta["best"]
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxcifar import cli, optim, parallel, sizing, steps
+from jaxcifar import backend, cli, optim, parallel, sizing, steps
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
@@ -34,6 +34,7 @@ from jaxcifar.files import write_json
 from jaxcifar.mixing import MixSpec
 from jaxcifar.network import build_model
 from jaxcifar.plots import plot_lr_find
+from jaxcifar.sources import default_cache_dir
 from jaxcifar.state import create_train_state
 from jaxcifar.workdir import check_workdir
 
@@ -139,6 +140,8 @@ def lr_find(
     """Runs the range test for ``config`` (its ``lr`` is not used) and returns the result; with ``out_dir``
     also writes ``lr_find.json`` and ``lr_find.png`` there. Raises ConfigError before any work when the
     batch does not fit the devices (``sizing.check_fits``)."""
+    if config.compile_cache:
+        backend.enable_compile_cache(default_cache_dir() / "xla")
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_divisible(config.batch_size, mesh, "--batch-size")
     model = build_model(config, list(mesh.devices.flat))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -14,48 +16,67 @@ from jaxcifar.lr_find import LRFindResult, lr_find
 from jaxcifar.plots import figure_to_array
 from jaxcifar.report import Report, ReportOptions, make_report
 from jaxcifar.state import TrainState
+from jaxcifar.timing import Timing
 from jaxcifar.workdir import check_workdir
 from jaxcifar.writers import TensorBoardWriter
 
 
 class RunResult(NamedTuple):
     """What ``run`` returns: the final state, the per-epoch history, the LR range test (with ``--lr auto``
-    on a fresh run, else None) and the report (with ``--report`` when epochs were trained, else None)."""
+    on a fresh run, else None), the report (with ``--report`` when epochs were trained, else None) and
+    the timing record (seconds per phase, as in ``timing.json``)."""
 
     state: TrainState
     history: list[dict[str, Any]]
     lr_find: LRFindResult | None = None
     report: Report | None = None
+    timing: dict[str, float] | None = None
 
 
-def run(config: Config, dataset: Dataset | None = None, *, verbose: bool = True) -> RunResult:
+def run(
+    config: Config, dataset: Dataset | None = None, *, verbose: bool = True, started: float | None = None
+) -> RunResult:
     """Trains ``config`` as ``python -m jaxcifar.train`` does and returns a ``RunResult``.
 
     With ``config.lr == "auto"`` the LR range test runs first (``lr_find.png``/``.json`` in the workdir)
     and its suggestion is the peak LR (a resumed run keeps its saved LR); with ``config.report`` the
     pictures and report.json of the best checkpoint are written after training and logged to
-    TensorBoard. ``dataset`` overrides loading from ``config``. Raises what ``fit`` raises.
+    TensorBoard. The run ends with one line saying where its time went, also written to
+    ``timing.json`` (``started``: a ``time.perf_counter()`` value, e.g. the process start, from which
+    start-up is counted; default now). ``dataset`` overrides loading from ``config``. Raises what
+    ``fit`` raises.
     """
+    timing = Timing(started)
+    timing.add("startup", time.perf_counter() - timing.started)
     config, meta = check_resume(config, check_workdir(config.workdir), verbose=False)  # fails before any work
     finished = meta is not None and int(meta["epoch"]) >= config.epochs
     found = None
     if config.lr == "auto":
-        dataset = dataset or load_dataset(config)
-        found = lr_find(config, dataset, out_dir=config.workdir, verbose=verbose)
+        with timing.phase("data"):
+            dataset = dataset or load_dataset(config)
+        with timing.phase("lr_find"):
+            found = lr_find(config, dataset, out_dir=config.workdir, verbose=verbose)
         echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see lr_find.png", verbose)
         config = config.replace(lr=found.suggestion)
-    result = fit(config, dataset, verbose=verbose)
+    result = fit(config, dataset, verbose=verbose, timing=timing)
     report = None
-    if config.report and not finished and jax.process_index() == 0:
-        report = make_report(config.workdir, ReportOptions(tta=config.tta), config=config, dataset=dataset)
-        log_report(report, config.workdir, epoch=len(result.history))
+    is_main = jax.process_index() == 0
+    if config.report and not finished and is_main:
+        with timing.phase("report"):
+            report = make_report(config.workdir, ReportOptions(tta=config.tta), config=config, dataset=dataset)
+            log_report(report, config.workdir, epoch=len(result.history))
         summary = report.summary
         echo(
             f"report: {summary['split']} accuracy {100 * summary['accuracy']:.2f}% (best checkpoint), "
             f"{', '.join(p.name for p in report.paths.values())} in {config.workdir}",
             verbose,
         )
-    return RunResult(result.state, result.history, found, report)
+    record = timing.record()
+    if not finished:  # a finished run: one line says there was nothing to do
+        if is_main:
+            record = timing.write(Path(config.workdir) / "timing.json")
+        echo(timing.summary_line(record), verbose)
+    return RunResult(result.state, result.history, found, report, record)
 
 
 def log_report(report: Report, workdir: str, epoch: int) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 from jaxcifar import interrupts
+
+STARTED = time.perf_counter()  # as a command, the run's start-up (imports included) is counted from here
 
 if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends in one line from the start
     interrupts.install("python -m jaxcifar.train")
@@ -24,18 +28,20 @@ def build_parser() -> cli.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit code (0 ok, 1 user error, 2 bad flags, 130 interrupted)."""
+def main(argv: Sequence[str] | None = None, started: float | None = None) -> int:
+    """Runs the CLI; returns the exit code (0 ok, 1 user error, 2 bad flags, 130 interrupted).
+    ``started``: when the process started (``time.perf_counter()``), for the start-up time; default now."""
+    started = time.perf_counter() if started is None else started
     parser = build_parser()
     config = cli.parse_config(parser, argv)
     cli.configure_logging()
 
     def body() -> int:
-        run(config)
+        run(config, started=started)
         return 0
 
     return cli.run_command(parser.prog, body, lambda: describe_saved(config.workdir))
 
 
 if __name__ == "__main__":
-    interrupts.exit_with(main)
+    interrupts.exit_with(lambda: main(started=STARTED))

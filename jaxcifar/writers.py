@@ -83,12 +83,15 @@ class MetricWriter:
         if self.enabled:
             write_json(self.workdir / "history.json", self.history)
 
-    def write_epoch(self, record: dict[str, Any]) -> None:
-        """Appends one epoch's record (keys like train_loss, test_acc, lr, seconds) and writes it out."""
+    def write_epoch(self, record: dict[str, Any], history: bool = True) -> None:
+        """Appends one epoch's record (keys like train_loss, test_acc, lr, seconds) and logs its scalars
+        to TensorBoard; with ``history`` also rewrites ``history.json`` (a caller whose checkpoint of the
+        epoch is still being written calls ``write_history`` once it is committed)."""
         self.history.append(record)
         if self.tb is None:
             return
-        self.write_history()
+        if history:
+            self.write_history()
         epoch = int(record["epoch"])
         for key, value in record.items():
             if key == "epoch" or not isinstance(value, int | float):

@@ -233,7 +233,7 @@ CASES = [
     bench("model-unknown", ["--model", "resnet50"], 2, "--model"),
     bench("width-0", ["--width", "0"], 2, "--width"),
     bench("warmup-negative", ["--warmup", "-1"], 2, "--warmup"),
-    bench("dtype-unknown", ["--dtype", "float16"], 2, "--dtype"),
+    bench("dtype-unknown", ["--dtype", "float64"], 2, "--dtype"),
     bench("conv-unknown", ["--conv", "cudnn"], 2, "--conv"),
 ]
 
