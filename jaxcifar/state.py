@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+from flax.training.dynamic_scale import DynamicScale
+
+# Compute dtypes whose gradients need loss scaling: float16's range ends at 65504 and its smallest normal
+# number is 6.1e-5, so unscaled gradients underflow to zero and scaled ones can overflow.
+SCALED_DTYPES = (jnp.dtype(jnp.float16),)
 
 
 class TrainState(train_state.TrainState):
@@ -17,13 +22,15 @@ class TrainState(train_state.TrainState):
     ``apply_fn`` and ``tx`` are static (not leaves). ``rng`` is a raw uint32 (2,) key; per-step
     randomness is ``fold_in(rng, step)``, so a resumed run draws exactly what the original would.
     ``ema_params``/``ema_batch_stats`` hold the exponential moving average of the weights when EMA
-    is enabled (``--ema-decay``), else None.
+    is enabled (``--ema-decay``), else None. ``dynamic_scale`` is flax's ``DynamicScale`` (the loss scale
+    and its count of finite steps, float32/int32 scalars) of a float16 run (``--dtype float16``), else None.
     """
 
     batch_stats: Any
     rng: jax.Array
     ema_params: Any = None
     ema_batch_stats: Any = None
+    dynamic_scale: DynamicScale | None = None
 
     def variables(self, ema: bool = False) -> dict[str, Any]:
         """Returns ``{"params", "batch_stats"}`` for ``apply``: the EMA weights when ``ema``."""
@@ -48,11 +55,37 @@ def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...
     return dict(variables)
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, ema: bool = False) -> TrainState:
+def default_dynamic_scale(dtype: Any) -> DynamicScale | None:
+    """Returns a fresh ``DynamicScale`` when the compute ``dtype`` needs loss scaling (float16), else None.
+
+    Flax's (and PyTorch GradScaler's) defaults: scale 2**16, halved after a non-finite gradient, doubled
+    after 2000 finite steps in a row. The scale (float32) and the count (int32) are arrays, so that the
+    jitted step's output state has the structure and dtypes of its input (one compile) and checkpoints
+    store them as they store the other leaves.
+    """
+    if dtype is None or jnp.dtype(dtype) not in SCALED_DTYPES:
+        return None
+    return DynamicScale(fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(2.0**16, jnp.float32))
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    seed: int,
+    ema: bool = False,
+    dynamic_scale: DynamicScale | Literal["auto"] | None = "auto",
+) -> TrainState:
     """Returns a fresh TrainState: params from ``seed``, optimizer state of ``tx``, step 0.
 
-    With ``ema`` the EMA weights start as a copy of the initial weights.
+    With ``ema`` the EMA weights start as a copy of the initial weights. ``dynamic_scale`` is the
+    state's loss scale: ``"auto"`` gives ``default_dynamic_scale(model.dtype)`` (a scale for a float16
+    model, None otherwise), None gives none, and a ``DynamicScale`` is used as given (its ``scale`` and
+    ``fin_steps`` should be arrays; see ``default_dynamic_scale``).
     """
+    if isinstance(dynamic_scale, str):
+        if dynamic_scale != "auto":
+            raise ValueError(f"dynamic_scale must be 'auto', None or a DynamicScale, got {dynamic_scale!r}")
+        dynamic_scale = default_dynamic_scale(getattr(model, "dtype", None))
     root = jax.random.PRNGKey(seed)
     init_key, run_key = jax.random.split(root)
     variables = init_variables(model, init_key)
@@ -64,11 +97,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
         rng=run_key,
         ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema else None,
         ema_batch_stats=jax.tree.map(jnp.copy, variables["batch_stats"]) if ema else None,
+        dynamic_scale=dynamic_scale,
     )
 
 
 def checkpoint_items(state: TrainState) -> dict[str, Any]:
-    """Returns the state's leaves as a plain dict (what a checkpoint stores; EMA weights when kept)."""
+    """Returns the state's leaves as a plain dict (what a checkpoint stores; EMA weights when kept, the loss
+    scale under ``dynamic_scale`` when the state has one: float32 and bfloat16 checkpoints are unchanged)."""
     items = {
         "step": state.step,
         "params": state.params,
@@ -79,6 +114,8 @@ def checkpoint_items(state: TrainState) -> dict[str, Any]:
     if state.ema_params is not None:
         items["ema_params"] = state.ema_params
         items["ema_batch_stats"] = state.ema_batch_stats
+    if state.dynamic_scale is not None:
+        items["dynamic_scale"] = state.dynamic_scale
     return items
 
 

@@ -2,8 +2,13 @@
 
 ``make_train_step`` / ``make_eval_step`` close over the static parts of the config and return
 ``jax.jit``-ed functions. The train step donates the state (updated in place on the device).
-Metrics are sums over the batch (``loss_sum``, ``correct``, ``count``) so that epochs and padded
-batches add up exactly.
+Metrics are sums over the batch (``loss_sum``, ``correct``, ``count``; the train step adds ``skipped``)
+so that epochs and padded batches add up exactly.
+
+A state with a ``dynamic_scale`` (``--dtype float16``) trains with dynamic loss scaling (flax's
+``DynamicScale``, as flax's imagenet example): the loss is multiplied by the scale before the backward
+pass and the float32 gradients divided by it; a step whose gradients are not all finite is skipped
+(``skip_unless_finite``) and the scale halves.
 """
 
 from __future__ import annotations
@@ -23,6 +28,31 @@ from jaxcifar.state import TrainState
 
 Metrics = dict[str, jax.Array]
 
+# Optimizer states that hold a schedule's position: they advance on a skipped step (see skip_unless_finite).
+_SCHEDULE_STATES = (optax.ScaleByScheduleState,)
+_INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def skip_unless_finite(new: Any, old: Any, finite: jax.Array) -> Any:
+    """Returns the pytree ``new`` where ``finite`` (a bool scalar) else ``old``, leaf by leaf (``jnp.where``:
+    no conditional in the compiled step), except optax's schedule positions, which always take ``new``.
+
+    The schedule positions are ``ScaleByScheduleState`` (an LR schedule handed to ``optax.sgd``/``adam``)
+    and ``inject_hyperparams``' ``count``, ``hyperparams`` and their schedule states; the optimizer's
+    other state (momentum, Adam's moments and its bias-correction count) keeps its old value. So a skipped
+    step leaves the schedule where ``TrainState.step`` is, as PyTorch's per-batch ``scheduler.step()`` does
+    after ``GradScaler`` skips ``optimizer.step()``.
+    """
+
+    def pick(n: Any, o: Any) -> Any:
+        if isinstance(n, _SCHEDULE_STATES):
+            return n
+        if isinstance(n, _INJECTED_STATES):
+            return n._replace(inner_state=skip_unless_finite(n.inner_state, o.inner_state, finite))
+        return jnp.where(finite, n, o)
+
+    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES + _INJECTED_STATES))
+
 
 def train_step(
     state: TrainState,
@@ -38,9 +68,18 @@ def train_step(
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step: augment (+ MixUp/CutMix) + normalize on the device, train-mode forward, update.
 
-    Returns the new state and ``{"loss_sum", "correct", "count"}`` (float32 scalars) of the batch;
-    under mixing, ``correct`` counts agreement with each image's dominant label. With ``ema_decay``
+    Returns the new state and ``{"loss_sum", "correct", "count", "skipped"}`` (float32 scalars) of the
+    batch; under mixing, ``correct`` counts agreement with each image's dominant label. With ``ema_decay``
     the state's EMA weights are updated after the step.
+
+    With ``state.dynamic_scale`` (float16) the gradients come from ``DynamicScale.value_and_grad`` (loss
+    multiplied by the scale, float32 gradients divided by it). When they are not all finite the step is
+    skipped: params, BatchNorm statistics, EMA weights and the optimizer's moments keep their values,
+    ``skipped`` is 1 and the scale halves; ``step`` (batches consumed: the per-step RNG, the checkpoint's
+    step and the schedule position) and the schedule advance (``skip_unless_finite``). ``loss_sum`` and
+    ``correct`` still count the skipped batch: its forward pass ran on the current weights (a loss that
+    is itself non-finite means the float16 forward overflowed, which the loop reports as divergence).
+    ``skipped`` is 0 without a dynamic scale.
     """
     step_key = jax.random.fold_in(state.rng, state.step)
     images = transforms.augment(step_key, batch["image"], augment, cutout_size)
@@ -60,17 +99,34 @@ def train_step(
         loss = optax.softmax_cross_entropy(logits.astype(dtype), mix_targets(targets, lam)).mean()
         return loss, (logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.dynamic_scale is None:
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        finite, dynamic_scale = jnp.array(True), None
+    else:
+        # the scale multiplies the float32 loss; its gradients come back float32 and divided by the scale
+        dynamic_scale, finite, (loss, (logits, batch_stats)), grads = state.dynamic_scale.value_and_grad(
+            loss_fn, has_aux=True
+        )(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     if ema_decay is not None:
-        state = state.update_ema(ema_decay)
+        new_state = new_state.update_ema(ema_decay)
+    if dynamic_scale is not None:
+        new_state = new_state.replace(
+            params=skip_unless_finite(new_state.params, state.params, finite),
+            batch_stats=skip_unless_finite(new_state.batch_stats, state.batch_stats, finite),
+            opt_state=skip_unless_finite(new_state.opt_state, state.opt_state, finite),
+            ema_params=skip_unless_finite(new_state.ema_params, state.ema_params, finite),
+            ema_batch_stats=skip_unless_finite(new_state.ema_batch_stats, state.ema_batch_stats, finite),
+            dynamic_scale=dynamic_scale,
+        )
     count = jnp.float32(labels.shape[0])
     metrics = {
         "loss_sum": loss * count,
         "correct": jnp.sum(jnp.argmax(logits, -1) == dominant).astype(jnp.float32),
         "count": count,
+        "skipped": jnp.logical_not(finite).astype(jnp.float32),
     }
-    return state, metrics
+    return new_state, metrics
 
 
 _MIN_CHUNK = 32  # a batch with no divisor between this and the chunk size runs in one piece

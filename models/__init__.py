@@ -16,8 +16,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-# Config.dtype / --dtype name -> the modules' compute dtype (parameters stay float32 either way).
-COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Config.dtype / --dtype name -> the modules' compute dtype (parameters stay float32 either way). float16
+# trains with dynamic loss scaling (jaxcifar.state.default_dynamic_scale gives a float16 model's state one).
+COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def available_models() -> tuple[str, ...]:
