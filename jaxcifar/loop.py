@@ -104,7 +104,8 @@ def check_resume(config: Config, workdir: Path, verbose: bool = True) -> tuple[C
     Raises CheckpointError when the workdir holds a run and ``--resume`` is not given, or a live run
     holds it; ConfigError when the saved run differs in a field that changes training
     (``checkpoint.resume_config``)."""
-    check_not_in_use(workdir)
+    if parallel.is_main_process():  # process 0 holds the lock of a multi-process run
+        check_not_in_use(workdir)
     if not has_checkpoint(workdir):
         if config.resume:
             echo(f"resume: no checkpoint in {workdir}, starting from scratch", verbose)
@@ -133,6 +134,8 @@ def restore(config: Config, model: Any, meta: dict[str, Any], mesh: Mesh, workdi
     if restored is None:
         raise CheckpointError(f"{workdir}/checkpoints: no checkpoint to resume")
     state, meta = restored
+    if jax.process_count() > 1:  # arrays on this process's device cannot move to other hosts' devices: from host
+        state = jax.device_get(state)
     state = jax.device_put(state, parallel.replicated(mesh))
     return Restored(state, list(meta["history"]), float(meta["best"]), steps_per_epoch, checkpointer.unreadable)
 
@@ -153,13 +156,17 @@ def fit(
     collects the seconds of data loading, compiling, training, evaluation and checkpoint waits.
     """
     timing = timing or Timing()
+    if config.distributed:  # first: what follows may be collective, and every process must run this config
+        parallel.initialize_distributed(config)
+    shown, verbose = verbose, verbose and parallel.is_main_process()  # other processes print their devices line
     workdir = check_workdir(config.workdir)
     config, meta = check_resume(config, workdir, verbose)
     if config.compile_cache:
         backend.enable_compile_cache(default_cache_dir() / "xla")
     optim.peak_lr(config)  # a number: --lr auto is resolved by jaxcifar.run before fit
-    mesh, model = mesh_and_model(config)
-    restored = restore(config, model, meta, mesh, workdir) if meta is not None else None
+    with timing.phase("init"):
+        mesh, model = mesh_and_model(config)
+        restored = restore(config, model, meta, mesh, workdir) if meta is not None else None
     if restored is not None and len(restored.history) >= config.epochs:
         echo(
             f"already finished: {len(restored.history)}/{config.epochs} epochs in {workdir}; nothing to do (a longer "
@@ -167,19 +174,21 @@ def fit(
             verbose,
         )
         return FitResult(restored.state, restored.history)
-    echo(parallel.describe(mesh), verbose)
+    echo(parallel.describe(mesh), shown)
     with timing.phase("data"):
         dataset = checked_dataset(config, dataset, restored)
     tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
     if restored is None:
-        state = create_train_state(model, tx, config.seed, ema=config.ema_decay is not None)
-        state, history, best = jax.device_put(state, parallel.replicated(mesh)), [], -1.0
+        with timing.phase("init"):
+            state = create_train_state(model, tx, config.seed, ema=config.ema_decay is not None)
+            state, history, best = jax.device_put(state, parallel.replicated(mesh)), [], -1.0
     else:
         state, history, best = restored.state, restored.history, restored.best
         echo(f"resume: epoch {len(history)} (step {int(state.step)}) from {workdir}", verbose)
 
-    is_main = jax.process_index() == 0  # only one host writes files
-    ensure_dir(workdir, "--workdir")
+    is_main = jax.process_index() == 0  # only one host writes files (orbax: each its part of a checkpoint)
+    if is_main:
+        ensure_dir(workdir, "--workdir")
     with WorkdirLock(workdir) if is_main else contextlib.nullcontext():
         if is_main and restored is None:
             config.save(workdir / "config.json")
@@ -208,7 +217,7 @@ def mesh_and_model(config: Config) -> tuple[Mesh, nn.Module]:
     """Returns the device mesh of ``config`` (after ``jax.distributed`` start-up with ``--distributed``)
     and its model; ConfigError when the batch sizes do not divide over the devices or cannot fit."""
     if config.distributed:
-        parallel.initialize_distributed()
+        parallel.initialize_distributed(config)
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_divisible(config.batch_size, mesh, "--batch-size")
     parallel.check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
@@ -342,6 +351,9 @@ def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     loss, acc = _mean(sums)
     record = {"epoch": epoch, "step": int(state.step), "train_loss": loss, "train_acc": acc}
     record["lr"] = float(run.schedule(int(state.step) - 1))
+    if state.dynamic_scale is not None:  # --dtype float16: steps skipped for non-finite gradients, the loss scale
+        record["skipped_steps"] = int(jax.device_get(sums["skipped"]))
+        record["loss_scale"] = float(state.dynamic_scale.scale)
     record["train_seconds"] = time.perf_counter() - start
     return state, record
 
@@ -411,6 +423,8 @@ def summary_line(record: dict[str, Any], epochs: int) -> str:
     for split in ("train", "val", "test", "ema_val", "ema_test"):
         if f"{split}_loss" in record:
             parts.append(f"{split} loss {record[f'{split}_loss']:.4f} acc {100 * record[f'{split}_acc']:6.2f}%")
+    if "skipped_steps" in record:
+        parts.append(f"skipped {record['skipped_steps']} (loss scale {record['loss_scale']:g})")
     parts.append(f"lr {record['lr']:.3e}")
     parts.append(f"{record['seconds']:6.1f}s")
     return " | ".join(parts)

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 
+from jaxcifar import parallel
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.loop import check_resume, echo, fit
@@ -48,6 +50,9 @@ def run(
     """
     timing = Timing(started)
     timing.add("startup", time.perf_counter() - timing.started)
+    if config.distributed:  # first: every later step may be collective; one config for every process
+        parallel.initialize_distributed(config)
+    main = verbose and parallel.is_main_process()  # one run: its lines come from process 0 (fit: devices from all)
     config, meta = check_resume(config, check_workdir(config.workdir), verbose=False)  # fails before any work
     finished = meta is not None and int(meta["epoch"]) >= config.epochs
     found = None
@@ -55,27 +60,36 @@ def run(
         with timing.phase("data"):
             dataset = dataset or load_dataset(config)
         with timing.phase("lr_find"):
-            found = lr_find(config, dataset, out_dir=config.workdir, verbose=verbose)
-        echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see lr_find.png", verbose)
+            found = lr_find(
+                config, dataset, out_dir=config.workdir if parallel.is_main_process() else None, verbose=main
+            )
+        echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see lr_find.png", main)
         config = config.replace(lr=found.suggestion)
     result = fit(config, dataset, verbose=verbose, timing=timing)
     report = None
     is_main = jax.process_index() == 0
-    if config.report and not finished and is_main:
-        with timing.phase("report"):
-            report = make_report(config.workdir, ReportOptions(tta=config.tta), config=config, dataset=dataset)
-            log_report(report, config.workdir, epoch=len(result.history))
+    if config.report and not finished:
+        with timing.phase("report"), tempfile.TemporaryDirectory() as elsewhere:
+            # Every process makes it (orbax reads a checkpoint collectively); others write it to a temporary folder.
+            out = None if is_main else elsewhere
+            report = make_report(
+                config.workdir, ReportOptions(tta=config.tta), config=config, dataset=dataset, out_dir=out
+            )
+            if is_main:
+                log_report(report, config.workdir, epoch=len(result.history))
         summary = report.summary
         echo(
             f"report: {summary['split']} accuracy {100 * summary['accuracy']:.2f}% (best checkpoint), "
             f"{', '.join(p.name for p in report.paths.values())} in {config.workdir}",
-            verbose,
+            main,
         )
     record = timing.record()
     if not finished:  # a finished run: one line says there was nothing to do
         if is_main:
             record = timing.write(Path(config.workdir) / "timing.json")
-        echo(timing.summary_line(record), verbose)
+        echo(timing.summary_line(record), main)
+    if config.distributed:
+        parallel.finish_distributed()  # waits for every process: none of them ends before the others are done
     return RunResult(result.state, result.history, found, report, record)
 
 

@@ -3,7 +3,9 @@
 Every reader returns ``{split: (images uint8 (N, 32, 32, 3), labels int32 (N,))}`` for the splits
 ``train`` and ``test`` plus the class names. ``jaxcifar.data`` adds subsets and the validation split.
 The optional ``select`` callback of the folder reader picks indices before decoding, so a
-300-image subset of a 60,000-file tree decodes only 300 files.
+300-image subset of a 60,000-file tree decodes only 300 files. The folder reader decodes in one
+process per CPU and keeps the decoded arrays in a cache (``folder_cache_root()``) that later loads
+of the unchanged folder read instead (experiments/data_loading).
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import itertools
+import json
 import logging
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
+import time
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +177,26 @@ def explain_data_dir(path: Path, dataset: str, expected: str = EXPECTED_DATA_DIR
 # ---------------------------------------------------------------------------------------- folder
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """The .png/.jpg/.jpeg files directly in ``folder``, sorted by name, hidden ones left out; [] if unreadable.
+
+    One ``os.scandir`` pass: the entry type comes from the directory listing, so a 60,000-file tree is
+    listed without a ``stat`` per file (symbolic links are followed, as ``Path.is_file`` does).
+    """
+    try:
+        with os.scandir(folder) as entries:
+            names = [
+                e.name
+                for e in entries
+                if not e.name.startswith(".")
+                and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+                and e.is_file()
+            ]
+    except OSError:
+        return []
+    return [folder / name for name in sorted(names, key=os.path.normcase)]  # the order of sorted(Path)
+
+
 def list_image_folder(
     root: str | Path, dataset: str = "cifar10"
 ) -> tuple[dict[str, tuple[list[Path], np.ndarray]], list[str]]:
@@ -206,9 +236,7 @@ def list_image_folder(
         files: list[Path] = []
         labels: list[int] = []
         for index, name in enumerate(names):
-            found = sorted(
-                p for p in _visible(split_dir / name) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )
+            found = _image_files(split_dir / name)
             if not found:
                 contents = describe_contents(split_dir / name)
                 raise DataError(
@@ -241,18 +269,344 @@ def decode_image(path: Path, resize: bool) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({e.__class__.__name__})") from e
 
 
+def decode_workers() -> int:
+    """Returns the number of CPUs this process may use: its CPU affinity where known, else ``os.cpu_count()``."""
+    process_cpu_count = getattr(os, "process_cpu_count", None)  # Python >= 3.13
+    if process_cpu_count is not None:
+        return process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def _decode_serial(paths: Sequence[Path], resize: bool) -> np.ndarray:
+    """Returns ``decode_image`` of every path, in order, as uint8 (N, 32, 32, 3); raises at the first bad one."""
+    images = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for i, path in enumerate(paths):
+        images[i] = decode_image(path, resize)
+    return images
+
+
+def decode_images(paths: Sequence[Path], resize: bool = False, workers: int | None = None) -> np.ndarray:
+    """Decodes image files; returns uint8 (N, 32, 32, 3) in the order of ``paths``, equal to ``decode_image`` of each.
+
+    ``workers``: how many processes share the files (this one and ``workers - 1`` others); None means one
+    per CPU (``decode_workers()``) and a serial decode below ``PARALLEL_MIN_IMAGES`` images, where starting
+    the processes costs more than it saves; 1 decodes in this process only. Processes, not threads:
+    decoding a 32x32 JPEG is mostly Python code in Pillow that holds the GIL (experiments/data_loading).
+    An unreadable or wrongly sized image raises the same one-line DataError as a serial decode, for the
+    same (first) file.
+    """
+    if workers is None:
+        workers = decode_workers() if len(paths) >= PARALLEL_MIN_IMAGES else 1
+        workers = max(1, min(workers, len(paths) // PARALLEL_MIN_SHARE))
+    workers = min(workers, len(paths))
+    if workers <= 1:
+        return _decode_serial(paths, resize)
+    return _decode_parallel(paths, resize, workers)
+
+
+PARALLEL_MIN_IMAGES = 4096  # fewer images (auto workers) decode serially: a decoding process takes 0.1-0.8 s to
+# start here (the more so the busier the machine), the time of 1,000-6,000 serial decodes
+PARALLEL_MIN_SHARE = 1024  # at least this many images per process (auto workers)
+IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
+_DATA_ERROR_EXIT = 3  # a decoding process's exit status after an unreadable image; stdout holds the message
+
+# A decoding process imports this very package by its location (not by sys.path, which may find another
+# copy or none): jaxcifar/__init__.py imports nothing heavy, sources.py numpy and Pillow.
+_WORKER_CODE = """import importlib.util, sys
+spec = importlib.util.spec_from_file_location("jaxcifar", {init!r}, submodule_search_locations=[{package!r}])
+module = importlib.util.module_from_spec(spec)
+sys.modules["jaxcifar"] = module
+spec.loader.exec_module(module)
+from jaxcifar.sources import _decode_worker
+_decode_worker()
+"""
+
+
+def _decode_worker() -> None:
+    """The body of a decoding process: reads ``{"resize": bool, "paths": [str]}`` (JSON) from stdin.
+
+    Writes the images' raw uint8 bytes (N * 32 * 32 * 3, RGB, row-major) to stdout and exits 0, or writes
+    the one-line DataError message of the first unreadable image and exits ``_DATA_ERROR_EXIT``.
+    """
+    request = json.loads(sys.stdin.buffer.read())
+    try:
+        images = _decode_serial([Path(p) for p in request["paths"]], bool(request["resize"]))
+    except DataError as e:
+        sys.stdout.buffer.write(str(e).encode("utf-8", "surrogateescape"))
+        sys.stdout.flush()
+        sys.exit(_DATA_ERROR_EXIT)
+    sys.stdout.buffer.write(images.data)
+    sys.stdout.flush()
+
+
+def _stop(processes: Sequence[subprocess.Popen]) -> None:
+    """Kills and reaps the processes that are still running."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            process.wait()
+
+
+def _decode_parallel(paths: Sequence[Path], resize: bool, workers: int) -> np.ndarray:
+    """Decodes ``paths`` in ``workers`` contiguous shares at once; returns uint8 (N, 32, 32, 3).
+
+    The first share decodes in this process, each other one in a Python process of its own started with
+    ``subprocess`` (``_decode_worker``), not ``multiprocessing``: its spawn and forkserver workers first
+    re-import the parent's ``__main__`` (``python -m jaxcifar.train`` imports jax: seconds per worker), and
+    fork copies a multithreaded JAX process. A process that fails for another reason than a bad image
+    (killed, cannot start) has its share decoded here, with one warning.
+    """
+    package = Path(__file__).resolve().parent
+    command = [sys.executable, "-P", "-c", _WORKER_CODE.format(init=str(package / "__init__.py"), package=str(package))]
+    bounds = np.linspace(0, len(paths), workers + 1).astype(int)
+    shares = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    images = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    processes: list[subprocess.Popen] = []
+    results: list[tuple[bytes, bytes]] = []
+    failure = ""
+    try:
+        for _ in shares[1:]:
+            try:
+                pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+                processes.append(subprocess.Popen(command, **pipes))
+            except (OSError, ValueError) as e:  # no usable interpreter: the shares without a process decode here
+                failure = f"cannot start {sys.executable}: {_first_line(e)}"
+                break
+        with ThreadPoolExecutor(max(1, len(processes))) as pool:  # the threads only feed and drain the pipes
+            try:
+                futures = [
+                    pool.submit(process.communicate, _decode_request(paths[share], resize))
+                    for process, share in zip(processes, shares[1:], strict=False)
+                ]
+                images[shares[0]] = _decode_serial(paths[shares[0]], resize)
+                results = [future.result() for future in futures]
+            except BaseException:  # a bad image in the first share, Ctrl-C: stop the others now
+                _stop(processes)
+                raise
+    finally:
+        _stop(processes)
+    warned = False
+    for i, share in enumerate(shares[1:]):
+        count = share.stop - share.start
+        status, out, err = (processes[i].returncode, *results[i]) if i < len(results) else (None, b"", b"")
+        if status == 0 and len(out) == count * IMAGE_BYTES:
+            images[share] = np.frombuffer(out, np.uint8).reshape(count, IMAGE_SIZE, IMAGE_SIZE, 3)
+            continue
+        if status == _DATA_ERROR_EXIT:
+            raise DataError(out.decode("utf-8", "surrogateescape"))
+        if not warned:
+            why = err.decode(errors="replace").strip().splitlines()[-1:] or [failure or f"exit status {status}"]
+            log.warning("a decoding process failed (%s); decoding its images in this process", why[0][:200])
+            warned = True
+        images[share] = _decode_serial(paths[share], resize)
+    return images
+
+
+def _decode_request(paths: Sequence[Path], resize: bool) -> bytes:
+    """Returns the JSON request that ``_decode_worker`` reads: ``{"resize": bool, "paths": [str]}``."""
+    return json.dumps({"resize": resize, "paths": [str(p) for p in paths]}).encode("utf-8", "surrogateescape")
+
+
+# ------------------------------------------------------------------------------- folder cache
+
+FOLDER_CACHE_FORMAT = 1  # bump when the stored layout or the decoding changes: older entries are then ignored
+_STALE_TEMP_SECONDS = 3600  # a hidden temporary entry older than this was left by a killed run
+
+
+def folder_cache_root() -> Path:
+    """Returns the folder that holds decoded image-folder caches: ``default_cache_dir() / "folders"``."""
+    return default_cache_dir() / "folders"
+
+
+def folder_cache_entry(root: Path, listing: dict[str, tuple[list[Path], np.ndarray]], resize: bool) -> Path | None:
+    """Returns the cache entry folder for a listed image folder, or None when a listed file cannot be stat'ed.
+
+    Named ``<where>-<what>``: ``where`` hashes the folder's absolute path and ``resize``; ``what`` hashes
+    those plus the cache format, the Pillow version and, per file in listing order, its split/class/name,
+    size, mtime and ctime (ns), so a changed, added, removed, renamed or touched file (or one replaced by a
+    copy that kept size and mtime: its ctime changes) names another entry.
+    """
+    from PIL import __version__ as pillow_version
+
+    absolute = str(root.resolve())
+    where = hashlib.sha256(f"{absolute}\0resize={resize}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    what = hashlib.sha256(
+        f"jaxcifar folder cache {FOLDER_CACHE_FORMAT}\0{absolute}\0resize={resize}\0Pillow {pillow_version}\0".encode(
+            "utf-8", "surrogateescape"
+        )
+    )
+    try:
+        for split, (files, _) in listing.items():
+            lines = []
+            for path in files:
+                st = os.stat(path)
+                lines.append(
+                    f"{split}/{path.parent.name}/{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n"
+                )
+            what.update("".join(lines).encode("utf-8", "surrogateescape"))
+    except OSError:
+        return None
+    return folder_cache_root() / f"{where}-{what.hexdigest()[:16]}"
+
+
+def load_folder_cache(
+    entry: Path, listing: dict[str, tuple[list[Path], np.ndarray]], class_names: list[str]
+) -> dict[str, np.ndarray] | None:
+    """Returns ``{split: images uint8 (N, 32, 32, 3)}`` from a cache entry, or None when there is none.
+
+    The images are copy-on-write memory maps of the entry's .npy files (writable, changes stay in this
+    process). A damaged entry (unreadable or truncated file, wrong shape, labels or class names that do not
+    match the listing, a CRC-32 that does not match) logs one warning, is deleted, and gives None.
+    """
+    if not entry.is_dir():
+        return None
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta["format"] != FOLDER_CACHE_FORMAT or meta["class_names"] != class_names:
+            raise ValueError("its format or class names differ")
+        out = {}
+        for split, (files, labels) in listing.items():
+            images = np.load(entry / f"{split}_images.npy", mmap_mode="c", allow_pickle=False)
+            stored = np.load(entry / f"{split}_labels.npy", allow_pickle=False)
+            if images.dtype != np.uint8 or images.shape != (len(files), IMAGE_SIZE, IMAGE_SIZE, 3):
+                raise ValueError(f"{split} images are {images.dtype} {images.shape}, the folder has {len(files)}")
+            if stored.dtype != np.int32 or not np.array_equal(stored, labels):
+                raise ValueError(f"{split} labels differ from the folder's")
+            if zlib.crc32(images) != meta["crc32"][split]:
+                raise ValueError(f"{split} images do not match their CRC-32")
+            out[split] = np.asarray(images)  # a plain ndarray view of the map
+        return out
+    except Exception as e:  # a damaged cache must never fail a run: it is decoded again
+        log.warning("ignoring damaged folder cache %s (%s); decoding the images again", entry, _first_line(e))
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Writes ``array`` as a .npy file (no fsync: the entry's CRC-32 catches what a power cut damages)."""
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def write_folder_cache(
+    entry: Path, arrays: dict[str, Arrays], class_names: list[str], root: Path, resize: bool
+) -> bool:
+    """Stores decoded arrays as the cache ``entry``; returns True when the entry exists afterwards.
+
+    Atomic: the files go to a hidden temporary folder beside the entry, which is then renamed, so a killed
+    run leaves no entry that loads. Then the entries no load can use are deleted (``_remove_stale``). A
+    read-only, full or unusable cache folder logs one warning line and returns False (the run goes on
+    without the cache).
+    """
+    tmp: Path | None = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
+        meta: dict[str, Any] = {
+            "format": FOLDER_CACHE_FORMAT,
+            "root": str(root.resolve()),
+            "resize": resize,
+            "class_names": class_names,
+            "count": {},
+            "crc32": {},
+        }
+        for split, (images, labels) in arrays.items():
+            _save_npy(tmp / f"{split}_images.npy", images)
+            _save_npy(tmp / f"{split}_labels.npy", labels)
+            meta["count"][split] = len(labels)
+            meta["crc32"][split] = zlib.crc32(np.ascontiguousarray(images))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; as readable as the folders mkdir makes
+        try:
+            os.rename(tmp, entry)
+            tmp = None
+        except OSError:
+            if not entry.is_dir():
+                raise
+            # another process stored the same entry first
+    except OSError as e:
+        log.warning(
+            "cannot write the folder cache in %s (%s); loading without it (JAXCIFAR_CACHE_DIR sets the cache folder)",
+            entry.parent,
+            e.strerror or e,
+        )
+        return False
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale(entry)
+    return True
+
+
+def _remove_stale(entry: Path) -> None:
+    """Deletes the cache entries that no load can use any more: the other entries of ``entry``'s folder and
+    resize flag (older states of the folder), entries whose folder no longer exists (e.g. a deleted
+    temporary copy), and temporary entries of killed runs an hour old."""
+    where = entry.name.split("-")[0]
+    with contextlib.suppress(OSError):
+        for other in entry.parent.iterdir():
+            if other.name == entry.name:
+                continue
+            if other.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    if other.name.endswith(".tmp") and time.time() - other.stat().st_mtime > _STALE_TEMP_SECONDS:
+                        shutil.rmtree(other, ignore_errors=True)
+            elif other.name.startswith(f"{where}-") or not _cached_folder_exists(other):
+                shutil.rmtree(other, ignore_errors=True)
+
+
+def _cached_folder_exists(entry: Path) -> bool:
+    """False when the entry's meta.json names a folder that is gone; True when it exists or is unknown."""
+    try:
+        return Path(json.loads((entry / "meta.json").read_text())["root"]).is_dir()
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # unreadable: left alone (it is replaced when its folder is next loaded)
+
+
 def read_image_folder(
-    root: str | Path, select: Select | None = None, resize: bool = False, dataset: str = "cifar10"
+    root: str | Path,
+    select: Select | None = None,
+    resize: bool = False,
+    dataset: str = "cifar10",
+    cache: bool = True,
+    workers: int | None = None,
 ) -> tuple[dict[str, Arrays], list[str]]:
-    """Reads an image-folder tree. ``select(split, labels) -> indices`` limits what is decoded."""
+    """Reads an image-folder tree; returns ``({split: (images uint8 (N, 32, 32, 3), labels int32 (N,))}, class_names)``.
+
+    ``select(split, labels) -> indices`` limits what is decoded. ``workers`` processes decode the images
+    (``decode_images``; None: one per CPU). With ``cache``, a load that decodes every image stores the
+    arrays under ``folder_cache_root()``, and later loads of the unchanged folder (``folder_cache_entry``)
+    read them from there, subsets included, instead of decoding. A subset load without a cache decodes
+    only its images and stores nothing. ``cache=False`` neither reads nor writes the cache.
+    """
+    root = Path(root)
     listing, class_names = list_image_folder(root, dataset)
+    keep = {
+        split: np.arange(len(files)) if select is None else np.asarray(select(split, labels))
+        for split, (files, labels) in listing.items()
+    }
+    whole = {split: np.array_equal(keep[split], np.arange(len(files))) for split, (files, _) in listing.items()}
+    entry = folder_cache_entry(root, listing, resize) if cache else None
+    cached = load_folder_cache(entry, listing, class_names) if entry is not None else None
     out: dict[str, Arrays] = {}
-    for split, (files, labels) in listing.items():
-        keep = np.arange(len(files)) if select is None else select(split, labels)
-        images = np.empty((len(keep), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        for i, k in enumerate(keep):
-            images[i] = decode_image(files[k], resize)
-        out[split] = (images, labels[keep])
+    if cached is not None:
+        log.info("folder cache: read %s", entry)
+        for split, (_, labels) in listing.items():
+            images = cached[split] if whole[split] else cached[split][keep[split]]
+            out[split] = (images, labels[keep[split]])
+        return out, class_names
+    paths = [listing[split][0][k] for split in listing for k in keep[split]]
+    decoded = decode_images(paths, resize, workers)
+    start = 0
+    for split, (_, labels) in listing.items():
+        stop = start + len(keep[split])
+        out[split] = (decoded[start:stop], labels[keep[split]])
+        start = stop
+    if entry is not None and all(whole.values()) and write_folder_cache(entry, out, class_names, root, resize):
+        log.info("folder cache: wrote %s", entry)
     return out, class_names
 
 

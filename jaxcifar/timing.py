@@ -10,7 +10,7 @@ from pathlib import Path
 from jaxcifar.files import write_json
 
 # The phases of a run, in the order the summary line lists them; "other" is the rest of the total.
-PHASES = ("startup", "lr_find", "data", "compile", "train", "eval", "checkpoint", "report")
+PHASES = ("startup", "lr_find", "init", "data", "compile", "train", "eval", "checkpoint", "report")
 
 
 class Timing:

@@ -326,6 +326,7 @@ def _tiny_torch_net(*args, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_torch_compile_reports_compile_time_apart_from_the_timed_steps(monkeypatch, capsys):
     torch = require("torch")
     _fake_jax_side(monkeypatch)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import json
+import os
 import pickle
+import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +418,334 @@ def test_auto_recognizes_a_prepared_tfds_data_dir(tmp_path):
     assert resolve_source(Config(data_dir=str(tmp_path))) == "tfds"
     with pytest.raises(DataError, match=r"no train/ and test/ class folders .* holds 1 folder named cifar10"):
         resolve_source(Config(data_dir=str(tmp_path), dataset="cifar100"))
+
+
+# ------------------------------------------------------------- parallel decoding and the folder cache
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Every test in this file gets its own JAXCIFAR_CACHE_DIR: nothing is read from or written to ~/.cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(cache))
+    return cache
+
+
+def write_mixed_folder(root: Path, per_class: int = 3, size: int = 32) -> None:
+    """Writes a tree of JPEG, PNG and grayscale JPEG images (``size`` x ``size``), 3 classes."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in ("a", "b", "c"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels)
+                if i % 3 == 0:
+                    image.save(root / split / name / f"{i}.png")
+                elif i % 3 == 1:
+                    image.save(root / split / name / f"{i}.jpg", quality=90)
+                else:
+                    image.convert("L").save(root / split / name / f"{i}.JPEG")
+
+
+def _listed(root: Path) -> list[Path]:
+    listing, _ = sources.list_image_folder(root)
+    return listing["train"][0] + listing["test"][0]
+
+
+@pytest.mark.parametrize("size, resize", [(32, False), (40, True)])
+def test_parallel_decode_equals_serial_decode_bit_for_bit(tmp_path, size, resize):
+    write_mixed_folder(tmp_path, per_class=7, size=size)
+    paths = _listed(tmp_path)
+    serial = np.stack([sources.decode_image(p, resize) for p in paths])
+    parallel = sources.decode_images(paths, resize, workers=3)
+    assert parallel.dtype == np.uint8 and parallel.shape == (42, 32, 32, 3)
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_array_equal(sources.decode_images(paths, resize, workers=1), serial)
+
+
+def test_parallel_decode_of_real_jpegs_equals_serial(shared_data_dir):
+    paths = _listed(shared_data_dir)
+    serial = sources.decode_images(paths, workers=1)
+    np.testing.assert_array_equal(sources.decode_images(paths, workers=2), serial)
+    assert serial.shape == (len(paths), 32, 32, 3) and serial.std() > 30
+
+
+@pytest.mark.parametrize("bad", ["unreadable", "wrong size"])
+@pytest.mark.parametrize("where", [(5, 40), (20, 40)])
+def test_parallel_decode_raises_the_serial_decodes_error(tmp_path, bad, where):
+    """The error names the first bad file in listing order, as the serial decode does, wherever it lies.
+
+    48 files in 3 shares of 16: this process decodes the first share, two other processes the others.
+    """
+    write_mixed_folder(tmp_path, per_class=8)
+    paths = _listed(tmp_path)
+    for k in where:
+        if bad == "unreadable":
+            paths[k].write_bytes(b"not an image")
+        else:
+            Image.fromarray(np.zeros((33, 32, 3), np.uint8)).save(paths[k], format="PNG")
+    with pytest.raises(DataError) as serial:
+        sources.decode_images(paths, workers=1)
+    with pytest.raises(DataError) as parallel:
+        sources.decode_images(paths, workers=3)
+    assert str(parallel.value) == str(serial.value)
+    assert str(serial.value).startswith(f"{paths[where[0]]}: ") and "\n" not in str(serial.value)
+
+
+def test_parallel_decode_survives_a_failed_worker(tmp_path, monkeypatch, caplog):
+    """A decoding process that dies (not for a bad image) has its share decoded in this process, with a warning."""
+    write_mixed_folder(tmp_path, per_class=4)
+    paths = _listed(tmp_path)
+    monkeypatch.setattr(sources, "_WORKER_CODE", "import sys; sys.exit('worker crashed') # {init} {package}")
+    with caplog.at_level("WARNING", logger="jaxcifar.sources"):
+        images = sources.decode_images(paths, workers=2)
+    np.testing.assert_array_equal(images, sources.decode_images(paths, workers=1))
+    assert [r.getMessage() for r in caplog.records] == [
+        "a decoding process failed (worker crashed); decoding its images in this process"
+    ]
+
+
+class _CountingDecoder:
+    """Wraps ``sources.decode_images`` and records how many images each call decoded."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[int] = []
+        real = sources.decode_images
+
+        def decode(paths, resize=False, workers=None):
+            self.calls.append(len(paths))
+            return real(paths, resize, workers)
+
+        monkeypatch.setattr(sources, "decode_images", decode)
+
+
+def _cache_entries(cache: Path) -> list[str]:
+    folders = cache / "folders"
+    return sorted(p.name for p in folders.iterdir()) if folders.is_dir() else []
+
+
+def _read(root: Path, **kwargs) -> tuple[dict[str, sources.Arrays], list[str]]:
+    return sources.read_image_folder(root, **kwargs)
+
+
+def _assert_same(a: dict[str, sources.Arrays], b: dict[str, sources.Arrays]) -> None:
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(a[split][0], b[split][0])
+        np.testing.assert_array_equal(a[split][1], b[split][1])
+        assert a[split][0].dtype == np.uint8 and a[split][1].dtype == np.int32
+
+
+def test_folder_cache_second_load_decodes_nothing(tmp_path, monkeypatch, _private_cache_dir):
+    write_mixed_folder(tmp_path / "data")
+    decoder = _CountingDecoder(monkeypatch)
+    first, names = _read(tmp_path / "data")
+    entries = _cache_entries(_private_cache_dir)
+    assert len(entries) == 1 and decoder.calls == [18]
+    second, again = _read(tmp_path / "data")
+    assert decoder.calls == [18] and again == names == ["a", "b", "c"]
+    _assert_same(second, first)
+    _assert_same(first, _read(tmp_path / "data", cache=False)[0])
+    assert decoder.calls == [18, 18]
+    second["train"][0][0] = 0  # the cached arrays are writable, copy-on-write: the entry keeps its pixels
+    _assert_same(_read(tmp_path / "data")[0], first)
+    # a subset reads the entry too; without an entry it decodes only its images and stores nothing
+    subset, _ = _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]))
+    assert decoder.calls == [18, 18]
+    np.testing.assert_array_equal(subset["test"][0], first["test"][0][[1, 4]])
+    _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]), cache=False)
+    assert decoder.calls == [18, 18, 4]
+    monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(tmp_path / "other-cache"))
+    _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]))
+    assert decoder.calls == [18, 18, 4, 4] and _cache_entries(tmp_path / "other-cache") == []
+
+
+def test_folder_cache_off_reads_and_writes_nothing(tmp_path, monkeypatch, _private_cache_dir):
+    write_mixed_folder(tmp_path / "data")
+    decoder = _CountingDecoder(monkeypatch)
+    _read(tmp_path / "data", cache=False)
+    assert not (_private_cache_dir / "folders").exists()
+    _read(tmp_path / "data")
+    _read(tmp_path / "data", cache=False)
+    assert decoder.calls == [18, 18, 18]
+
+
+def _change(root: Path, how: str) -> None:
+    """Changes the folder the way ``how`` says; each change must invalidate the cache entry."""
+    target = root / "train" / "b" / "1.jpg"
+    st = target.stat()
+    if how == "changed":
+        Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(target, format="JPEG")
+    elif how == "same size and mtime":  # e.g. cp --preserve: only the ctime tells
+        data = bytearray(target.read_bytes())
+        dc = data.index(b"\xff\xdb") + 5  # the first quantization table's DC step: other pixels, same size
+        data[dc] = data[dc] + 40
+        target.write_bytes(bytes(data))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif how == "added":
+        Image.fromarray(np.full((32, 32, 3), 9, np.uint8)).save(root / "train" / "b" / "9.png")
+    elif how == "removed":
+        target.unlink()
+    elif how == "touched":
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    elif how == "renamed":
+        target.rename(root / "train" / "b" / "8.jpg")
+
+
+@pytest.mark.parametrize("how", ["changed", "same size and mtime", "added", "removed", "touched", "renamed"])
+def test_folder_cache_is_invalidated_by_a_changed_file(tmp_path, monkeypatch, _private_cache_dir, how):
+    root = tmp_path / "data"
+    write_mixed_folder(root)
+    _read(root)
+    (old_entry,) = _cache_entries(_private_cache_dir)
+    _change(root, how)
+    assert (root / "train" / "b" / "1.jpg").exists() == (how not in ("removed", "renamed"))
+    decoder = _CountingDecoder(monkeypatch)
+    arrays, _ = _read(root)
+    assert decoder.calls == [18 + {"added": 1, "removed": -1}.get(how, 0)]
+    _assert_same(arrays, _read(root, cache=False)[0])
+    (new_entry,) = _cache_entries(_private_cache_dir)  # the old state's entry is deleted
+    assert new_entry != old_entry and new_entry.split("-")[0] == old_entry.split("-")[0]
+    _read(root)
+    assert len(decoder.calls) == 2
+
+
+def test_folder_cache_keys_on_resize_and_absolute_path(tmp_path, monkeypatch, _private_cache_dir):
+    write_mixed_folder(tmp_path / "data", size=40)
+    decoder = _CountingDecoder(monkeypatch)
+    _read(tmp_path / "data", resize=True)
+    with pytest.raises(DataError, match="40x40, expected 32x32"):  # not served from the resize=True entry
+        _read(tmp_path / "data")
+    (tmp_path / "data").rename(tmp_path / "moved")
+    _read(tmp_path / "moved", resize=True)
+    assert decoder.calls == [18, 18, 18] and len(_cache_entries(_private_cache_dir)) == 1  # data/ is gone
+    monkeypatch.chdir(tmp_path)
+    _read(Path("moved"), resize=True)  # a relative path names the same folder
+    assert len(decoder.calls) == 3
+
+
+def _damage_entry(entry: Path, how: str) -> None:
+    if how == "truncated images":
+        data = (entry / "train_images.npy").read_bytes()
+        (entry / "train_images.npy").write_bytes(data[: len(data) // 2])
+    elif how == "flipped pixel":
+        data = bytearray((entry / "test_images.npy").read_bytes())
+        data[-1] ^= 1
+        (entry / "test_images.npy").write_bytes(bytes(data))
+    elif how == "garbage meta":
+        (entry / "meta.json").write_text('{"format": 1, "class_')
+    elif how == "missing labels":
+        (entry / "train_labels.npy").unlink()
+    elif how == "wrong labels":
+        np.save(entry / "train_labels.npy", np.zeros(9, np.int32))
+    elif how == "pickled labels":
+        np.save(entry / "test_labels.npy", np.array([None] * 9, object), allow_pickle=True)
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated images", "flipped pixel", "garbage meta", "missing labels", "wrong labels", "pickled labels"]
+)
+def test_folder_cache_damaged_entry_is_ignored_and_rebuilt(tmp_path, monkeypatch, caplog, _private_cache_dir, how):
+    write_mixed_folder(tmp_path / "data")
+    expected, _ = _read(tmp_path / "data")
+    (name,) = _cache_entries(_private_cache_dir)
+    entry = _private_cache_dir / "folders" / name
+    _damage_entry(entry, how)
+    decoder = _CountingDecoder(monkeypatch)
+    with caplog.at_level("WARNING", logger="jaxcifar.sources"):
+        arrays, _ = _read(tmp_path / "data")
+    _assert_same(arrays, expected)
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"ignoring damaged folder cache {entry} (")
+    assert record.getMessage().endswith("); decoding the images again") and "\n" not in record.getMessage()
+    assert decoder.calls == [18] and _cache_entries(_private_cache_dir) == [name]  # rebuilt
+    _assert_same(_read(tmp_path / "data")[0], expected)
+    assert decoder.calls == [18]
+
+
+def test_folder_cache_write_killed_midway_leaves_no_entry(tmp_path, _private_cache_dir):
+    """A process killed while writing the cache (os._exit: no cleanup) leaves only a hidden temporary folder."""
+    import subprocess
+    import sys
+
+    write_mixed_folder(tmp_path / "data")
+    script = (
+        "import os, numpy as np\n"
+        "from jaxcifar import sources\n"
+        "def killed(f, array, allow_pickle=False):\n"
+        "    f.write(b'\\x93NUMPY' + bytes(100))\n"
+        "    f.flush()\n"
+        "    os._exit(9)\n"
+        "sources.np.save = killed\n"
+        f"sources.read_image_folder({str(tmp_path / 'data')!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    assert subprocess.run([sys.executable, "-c", script], env=env).returncode == 9
+    (leftover,) = (_private_cache_dir / "folders").iterdir()
+    assert leftover.name.startswith(".") and leftover.name.endswith(".tmp")
+    assert _cache_entries(_private_cache_dir) == [leftover.name]
+    arrays, _ = _read(tmp_path / "data")
+    _assert_same(arrays, _read(tmp_path / "data", cache=False)[0])
+    assert len(_cache_entries(_private_cache_dir)) == 2  # the new entry; the leftover goes after an hour
+    old = time.time() - 2 * 3600
+    os.utime(leftover, (old, old))
+    (_private_cache_dir / "folders" / _cache_entries(_private_cache_dir)[1]).rename(_private_cache_dir / "x")
+    _read(tmp_path / "data")
+    assert [n for n in _cache_entries(_private_cache_dir) if n.startswith(".")] == []
+
+
+@pytest.mark.parametrize("how", ["cache dir is a file", "disk full"])
+def test_unwritable_folder_cache_warns_and_loads(tmp_path, monkeypatch, caplog, how):
+    write_mixed_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(cache))
+    if how == "cache dir is a file":
+        cache.write_text("not a folder")
+        reason = "Not a directory"
+    else:
+        reason = "No space left on device"
+
+        def full(f, array, allow_pickle=False):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(sources.np, "save", full)
+    with caplog.at_level("WARNING", logger="jaxcifar.sources"):
+        arrays, _ = _read(tmp_path / "data")
+    _assert_same(arrays, _read(tmp_path / "data", cache=False)[0])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot write the folder cache in {cache / 'folders'} ({reason}); loading without it "
+        "(JAXCIFAR_CACHE_DIR sets the cache folder)"
+    ]
+    if how == "disk full":
+        assert list((cache / "folders").iterdir()) == []  # the temporary folder is gone
+
+
+def test_load_dataset_reads_the_folder_cache(tmp_path, monkeypatch):
+    expected = write_folder(tmp_path / "data")
+    decoder = _CountingDecoder(monkeypatch)
+    for _ in range(2):
+        data = load_dataset(Config(data_dir=str(tmp_path / "data"), batch_size=4, val_fraction=0.25))
+        np.testing.assert_array_equal(
+            np.sort(np.concatenate([data.train.labels, data.val.labels])), np.repeat(np.arange(10), 2)
+        )
+    assert decoder.calls == [40]
+    data = load_dataset(Config(data_dir=str(tmp_path / "data"), batch_size=4))
+    np.testing.assert_array_equal(data.train.images, expected)
+
+
+def test_folder_cache_drops_entries_of_deleted_folders(tmp_path, _private_cache_dir):
+    """Each new entry deletes those of folders that are gone (e.g. temporary copies), not those of others."""
+    for name in ("gone", "kept", "new"):
+        write_mixed_folder(tmp_path / name)
+    _read(tmp_path / "gone")
+    _read(tmp_path / "kept")
+    entries = _cache_entries(_private_cache_dir)
+    assert len(entries) == 2
+    shutil.rmtree(tmp_path / "gone")
+    _read(tmp_path / "new")
+    remaining = _cache_entries(_private_cache_dir)
+    assert len(remaining) == 2 and len(set(remaining) & set(entries)) == 1
+    kept = json.loads(
+        (_private_cache_dir / "folders" / (set(remaining) & set(entries)).pop() / "meta.json").read_text()
+    )
+    assert kept["root"] == str((tmp_path / "kept").resolve())

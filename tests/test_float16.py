@@ -237,6 +237,7 @@ def _all_equal(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+@pytest.mark.slow
 def test_float16_fit_resumes_exactly(tmp_path):
     """``--dtype float16`` end to end (config -> model -> state with a loss scale -> steps -> checkpoints): a run
     cut back to epoch 1 (as a crash would) and resumed equals the uninterrupted run, loss scale included."""
