@@ -22,6 +22,11 @@ jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+# Caches the code keeps (decoded image folders, XLA) go to a folder of this session, never the user's ~/.cache.
+_CACHE_HOME = tempfile.mkdtemp(prefix="jaxcifar-tests-cache-")
+atexit.register(shutil.rmtree, _CACHE_HOME, True)
+os.environ["JAXCIFAR_CACHE_DIR"] = _CACHE_HOME
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(
     os.environ.get("JAXCIFAR_SHARED_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
