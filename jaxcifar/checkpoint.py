@@ -50,6 +50,7 @@ RESUME_FREE_FIELDS = (
     "lr_find_steps",
     "conv_impl",  # speed only: a run started on a CPU may go on on a GPU
     "compile_cache",
+    "folder_cache",
     "async_checkpoints",
 )
 

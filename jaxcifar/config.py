@@ -162,6 +162,13 @@ class Config:
         "~/.cache/jaxcifar/xla; JAX_COMPILATION_CACHE_DIR wins when set), so a re-run of the same configuration "
         "loads them instead of compiling (--no-compile-cache turns it off).",
     )
+    folder_cache: bool = _field(
+        True,
+        "--data-source folder: keep the decoded images in a cache ($JAXCIFAR_CACHE_DIR/folders, default "
+        "~/.cache/jaxcifar/folders; keyed by the folder's file names, sizes and modification times, so a changed "
+        "folder is decoded again), so a re-run loads them in about a second instead of decoding every JPEG "
+        "(--no-folder-cache neither reads nor writes it).",
+    )
     report: bool = _field(
         False,
         "After training, write curves, misclassified and Grad-CAM galleries (layer3), the confusion matrix and "

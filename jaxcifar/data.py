@@ -150,7 +150,7 @@ def load_dataset(config: Config) -> Dataset:
 
     if source == "folder":  # decodes only the selected files (Config requires data_dir with folder)
         arrays, class_names = sources.read_image_folder(
-            config.data_dir, select=select, resize=config.resize, dataset=config.dataset
+            config.data_dir, select=select, resize=config.resize, dataset=config.dataset, cache=config.folder_cache
         )
         splits = {name: Split(*pair) for name, pair in arrays.items()}
     else:

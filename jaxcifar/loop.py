@@ -312,7 +312,11 @@ def set_up(
         evaluators=evaluators,
         schedule=schedule,
         writer=writer,
-        checkpointer=Checkpointer(workdir, keep=config.keep_checkpoints, asynchronous=config.async_checkpoints),
+        # Several processes: synchronous. orbax's two background writers (latest and best, the same step) would
+        # wait at barriers of the same name at once, which the coordination service refuses at random.
+        checkpointer=Checkpointer(
+            workdir, keep=config.keep_checkpoints, asynchronous=config.async_checkpoints and jax.process_count() == 1
+        ),
         mix_enabled=mix.enabled,
         verbose=verbose,
         timing=timing,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -139,6 +140,7 @@ def initialize_distributed(config: Any = None) -> None:
         if jax.process_count() > 1:
             _watch.connect(int(ports[0, 0]))
             atexit.register(_finish_at_exit)  # a script that ends normally (the command line calls it itself)
+            sys.excepthook = _excepthook(sys.excepthook)
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     if config is not None:
         check_same_config(config)
@@ -197,21 +199,24 @@ def _check_port_free(address: str) -> None:
         number = int(port)
     except ValueError:
         raise ConfigError(f"--distributed: JAX_COORDINATOR_ADDRESS {address!r} needs a port: HOST:PORT") from None
-    family, host = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "")
-    try:
-        probe = socket.socket(family, socket.SOCK_STREAM)
-    except OSError:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        host = ""
-    with probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a port in TIME_WAIT is free
+    # gRPC binds [::]:PORT (all addresses); a dual-stack IPv6 bind collides with any IPv4 listener on PORT too.
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
         try:
-            probe.bind((host, number))
-        except OSError as e:
-            raise DistributedError(
-                f"--distributed: cannot start the coordinator on port {number} (JAX_COORDINATOR_ADDRESS {address}): "
-                f"{e.strerror or e}; another program (or another run) holds it: choose another port"
-            ) from None
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a port in TIME_WAIT is free
+            try:
+                probe.bind((host, number))
+                return
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    continue  # e.g. no IPv6 on this host: try IPv4
+                raise DistributedError(
+                    f"--distributed: cannot start the coordinator on port {number} (JAX_COORDINATOR_ADDRESS "
+                    f"{address}): {e.strerror}; another program (or another run) holds it: choose another port"
+                ) from None
 
 
 def _seconds(name: str, default: float) -> float:
@@ -242,22 +247,26 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-# The stderr guard: a small process that forwards this process's stderr, except JAX's last words when the
-# coordination service (which runs in process 0) is gone. Then JAX's client in every other process logs
-# "E... coordination_service_agent.cc:...] Polled an error from coordination service", then "F... client.h:...]
-# Terminating process because the JAX distributed service detected fatal errors" with a stack trace, and aborts,
-# within microseconds of the moment the watchdog hears of process 0's death itself: whichever prints first is a
-# coin toss, and the abort may win. The guard drops JAX's lines, keeps the watchdog's, and says the line itself
-# when the process died before it could (exit code 134, SIGABRT, in that case).
+# The stderr guard: a small process that forwards this process's stderr, except the last words of a process
+# that a peer's death brings down before the watchdog can speak. When process 0 dies, its coordination service
+# dies with it, and JAX's client in every other process logs "E... coordination_service_agent.cc:...] Polled
+# an error from coordination service" (and "W... preemption_sync_manager.cc:...] Failed to retrieve preemption
+# notice ..."; such lines are held for 0.5 s), then "F... client.h:...] Terminating process because the JAX
+# distributed service detected fatal errors" with a stack trace, and aborts; or gloo, inside a collective,
+# gets half a message and aborts ("terminate called after throwing an instance of 'gloo::EnforceNotMet'").
+# Both happen within microseconds of the moment the watchdog hears of the death: which line comes first is a
+# coin toss, and the abort may win. The guard drops those lines, keeps the watchdog's, and says the line
+# itself when the process died before the watchdog could (exit code 134, SIGABRT, in that case).
 _GUARD = r"""
 import os, re, select, signal, sys, time
 for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGPIPE"):
     signal.signal(getattr(signal, name), signal.SIG_IGN)
 prog, processes = sys.argv[1].encode(), sys.argv[2]
-polled = re.compile(rb"^E\d{4} [\d:.]+ +\d+ coordination_service_agent\.cc:\d+\] ")
-fatal = re.compile(rb"^F\d{4} [\d:.]+ +\d+ \S+:\d+\] Terminating process because the JAX distributed service")
+polled = re.compile(rb"^[EW]\d{4} [\d:.]+ +\d+ (coordination_service_agent|preemption_sync_manager)\.cc:\d+\] ")
+jax_fatal = re.compile(rb"^F\d{4} [\d:.]+ +\d+ \S+:\d+\] Terminating process because the JAX distributed service")
+gloo_fatal = re.compile(rb"^terminate called after throwing an instance of 'gloo::")
 ours = prog + b": "
-held, since, dying, said, status, pending = [], 0.0, False, False, b"", b""
+held, since, dying, said, status, pending = [], 0.0, b"", False, b"", b""
 def put(data):
     try:
         os.write(1, data)
@@ -277,10 +286,12 @@ while True:
             held, said = [], True
             put(line)
         elif dying:
-            if not status and b"absl::Status:" in line:
+            if not status and dying == b"jax" and b"absl::Status:" in line:
                 status = line.split(b"absl::Status:", 1)[1].strip()
-        elif fatal.match(line):
-            held, dying = [], True
+            if not status and dying == b"gloo" and b"what():" in line:
+                status = line.split(b"] ", 1)[-1].strip()
+        elif jax_fatal.match(line) or gloo_fatal.match(line):
+            held, dying = [], b"jax" if jax_fatal.match(line) else b"gloo"
             status = line.split(b"absl::Status:", 1)[1].strip() if b"absl::Status:" in line else b""
         elif held or polled.match(line):
             since = since if held else time.monotonic()
@@ -292,10 +303,14 @@ if pending and not dying:
 if not dying:
     put(b"".join(held))
 elif not said:
-    reason = status.decode(errors="replace")[:300] or "its coordination service failed"
-    put(ours + b"error: --distributed: lost process 0 of " + processes.encode() + b" (it runs JAX's coordination "
-        b"service; JAX ended this process: " + reason.encode() + b"); continue with the same command and --resume "
-        b"on every process\n")
+    reason = status[:300]
+    if dying == b"jax":
+        what = (b"lost process 0 of " + processes.encode() + b" (it runs JAX's coordination service; JAX ended this "
+                b"process: " + (reason or b"its coordination service failed") + b")")
+    else:
+        what = (b"a collective across the " + processes.encode() + b" processes failed: another process died or is "
+                b"out of step (gloo ended this process: " + (reason or b"a transfer failed") + b")")
+    put(ours + b"error: --distributed: " + what + b"; continue with the same command and --resume on every process\n")
 """
 
 
@@ -378,6 +393,31 @@ def finish_distributed() -> None:
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()  # now quick: JAX's own shutdown barrier gives up after 5 minutes
     _watch.finished = True
+
+
+def _excepthook(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """Returns a ``sys.excepthook`` for a multi-process run. An uncaught exception there is most often a
+    collective that failed because another process died (gloo raises at once on jax 0.12): first the watchdog
+    gets the time to say so in its line and end the process. Otherwise the traceback is printed and the
+    process ends at once: the interpreter's teardown could wait forever on the dead process's connections."""
+
+    def hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+        if _watch.finished:
+            previous(kind, error, tb)
+            return
+        time.sleep(LOST_GRACE_SECONDS + 1.0)
+        previous(kind, error, tb)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _end_quietly(1)
+
+    return hook
+
+
+def _end_quietly(code: int) -> None:
+    if interrupts._ending.acquire(blocking=False):
+        os._exit(code)
 
 
 def _finish_at_exit() -> None:

@@ -18,9 +18,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxcifar import sources
+from jaxcifar.cli import parse_config
 from jaxcifar.config import Config
 from jaxcifar.data import load_dataset, stratified_split, stratified_subset
 from jaxcifar.errors import DataError
+from jaxcifar.train import build_parser
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -568,6 +570,26 @@ def test_folder_cache_off_reads_and_writes_nothing(tmp_path, monkeypatch, _priva
     _read(tmp_path / "data")
     _read(tmp_path / "data", cache=False)
     assert decoder.calls == [18, 18, 18]
+
+
+def test_no_folder_cache_flag_reaches_the_reader(tmp_path, monkeypatch, _private_cache_dir):
+    """``--no-folder-cache`` (Config.folder_cache=False) loads without the cache; the default uses it."""
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        for c in range(10):  # CIFAR-10's class count, 2 PNGs each
+            (tmp_path / "data" / split / f"class{c}").mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / f"class{c}" / f"{i}.png")
+    decoder = _CountingDecoder(monkeypatch)
+    argv = ["--data-dir", str(tmp_path / "data"), "--batch-size", "2"]
+    off = parse_config(build_parser(), [*argv, "--no-folder-cache"])
+    assert off.folder_cache is False and parse_config(build_parser(), argv).folder_cache is True
+    load_dataset(off)
+    assert not (_private_cache_dir / "folders").exists() and decoder.calls == [40]
+    load_dataset(off.replace(folder_cache=True))
+    load_dataset(off.replace(folder_cache=True))
+    assert len(_cache_entries(_private_cache_dir)) == 1 and decoder.calls == [40, 40]
 
 
 def _change(root: Path, how: str) -> None:
