@@ -341,12 +341,14 @@ def two_process_run(tmp_path_factory, chaos_env, images):
 @needs_multihost
 def test_two_processes_train_as_one_run(two_process_run):
     """Process 0 prints the run (devices line first), process 1 only its devices line; on the shared images
-    the losses equal those of one process with 8 devices and the same global batch: the first steps' to float
-    rounding (only the order of the sums differs: gloo's all-reduce across the processes), every step's running
-    train loss and the epochs' losses and accuracies to 1e-3. This tiny net amplifies float-order differences
-    (at LR 0.002 on jax 0.10: bit-equal up to step 11, then up to 2.5e-5; at LR 0.01, 0.04 by epoch 2; one
-    process with 4 devices drifts from one with 8 as much: experiments/multihost/README.md), while a real
-    difference (a batch split per process, BatchNorm statistics per device) shows at step 1."""
+    the losses equal those of one process with 8 devices and the same global batch, within float-order noise:
+    only the order of the sums differs (gloo's all-reduce across the processes). A real difference (a batch
+    split per process, gradients or BatchNorm statistics averaged per process) shows in the first steps, which
+    are asserted to 1e-6 (steps 1-2) and 1e-5 (3-6) relative; after that this tiny net amplifies the noise
+    (measured at LR 0.002: on jax 0.10.2 bit-equal up to step 11, then up to 2.5e-5; on jax 0.12, 2.1e-6 at
+    step 6, 1e-4 at step 8, 2.4e-3 at step 13, i.e. 1e-3 relative; at LR 0.01, 0.04 by epoch 2; one process
+    with 4 devices drifts from one with 8 as much: experiments/multihost/README.md), so the later steps and
+    the epochs' losses and accuracies are asserted to 1e-2 only: no blow-up, no divergence."""
     workdir, (p0, p1), reference, _, seconds = two_process_run
     assert p0.out[0] == "devices: 8 x cpu (2 processes x 4; this is process 0)"
     assert p1.out == ["devices: 8 x cpu (2 processes x 4; this is process 1)"]
@@ -357,8 +359,9 @@ def test_two_processes_train_as_one_run(two_process_run):
     assert sorted(two) == sorted(one) == list(range(1, 17))
     print("running train loss, |2x4 - 1x8| per step:", [f"{abs(two[s] - one[s]):.1e}" for s in sorted(two)])
     for step in two:
-        assert two[step] == pytest.approx(one[step], rel=1e-6 if step <= 2 else 1e-3), step
-    assert_same_history(metrics(workdir), metrics(reference), rel=1e-3)
+        rel = 1e-6 if step <= 2 else 1e-5 if step <= 6 else 1e-2
+        assert two[step] == pytest.approx(one[step], rel=rel), step
+    assert_same_history(metrics(workdir), metrics(reference), rel=1e-2)
     print(f"2 processes: {seconds:.1f}s")
 
 
