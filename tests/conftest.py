@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from tests.archive import first_per_class
+
 # Unit tests compare numbers, not speed: skip XLA's expensive optimization passes.
 jax.config.update("jax_disable_most_optimizations", True)
 # One persistent compilation cache per session: runs of the same shapes (the session fixtures and the
@@ -38,22 +40,6 @@ SHARED_ARCHIVE = Path(
 PER_CLASS = {"train": 150, "test": 60}
 
 
-def _first_per_class(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """Members of the archive's first PER_CLASS[split] images of every split/class folder (and dirs)."""
-    chosen, counts = [], {}
-    for member in tar:
-        parts = Path(member.name).parts
-        split = next((p for p in parts if p in PER_CLASS), None)
-        if member.isdir() or split is None:
-            chosen.append(member)
-            continue
-        folder = str(Path(member.name).parent)
-        counts[folder] = counts.get(folder, 0) + 1
-        if counts[folder] <= PER_CLASS[split]:
-            chosen.append(member)
-    return chosen
-
-
 @pytest.fixture(scope="session")
 def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real CIFAR-10 JPEGs from the shared archive, unpacked once per session: the first 150 train and
@@ -68,7 +54,7 @@ def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(message)
     root = tmp_path_factory.mktemp("cifar10-jpeg")
     with tarfile.open(SHARED_ARCHIVE) as tar:
-        tar.extractall(root, members=_first_per_class(tar), filter="data")
+        tar.extractall(root, members=first_per_class(tar, PER_CLASS), filter="data")
     found = [p for p in root.rglob("train") if p.is_dir()]
     assert found, f"{SHARED_ARCHIVE} holds no train/ folder"
     return found[0].parent

@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.archive import first_per_class  # noqa: E402
 from tests.test_multihost import AUDIT, ORBAX_OWN_PART, Proc, env_for, free_port, running_losses  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -35,19 +36,8 @@ STEPS = (1, 2, 3, 4, 5, 10, 20, 30, 40)  # where the running train losses are co
 
 def unpack(root: Path) -> Path:
     """The first PER_CLASS images of every split/class folder of the archive, in its own tree."""
-    counts: dict[str, int] = {}
     with tarfile.open(ARCHIVE) as tar:
-        chosen = []
-        for member in tar:
-            split = next((p for p in Path(member.name).parts if p in PER_CLASS), None)
-            if member.isdir() or split is None:
-                chosen.append(member)
-                continue
-            folder = str(Path(member.name).parent)
-            counts[folder] = counts.get(folder, 0) + 1
-            if counts[folder] <= PER_CLASS[split]:
-                chosen.append(member)
-        tar.extractall(root, members=chosen, filter="data")
+        tar.extractall(root, members=first_per_class(tar, PER_CLASS), filter="data")
     return next(p for p in root.rglob("train") if p.is_dir()).parent
 
 
