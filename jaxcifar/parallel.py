@@ -410,14 +410,9 @@ def _excepthook(previous: Callable[..., Any]) -> Callable[..., Any]:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        _end_quietly(1)
+        _end(None, 1)
 
     return hook
-
-
-def _end_quietly(code: int) -> None:
-    if interrupts._ending.acquire(blocking=False):
-        os._exit(code)
 
 
 def _finish_at_exit() -> None:
@@ -587,11 +582,12 @@ def _what_is_saved() -> str:
         return f"({e.__class__.__name__} while checking what is saved)"
 
 
-def _end(message: str, code: int) -> None:
-    """Prints ``PROG: error: message`` on stderr and ends the process at once (from any thread), unless the
-    process is already ending (its own error or interrupt line said the last word)."""
+def _end(message: str | None, code: int) -> None:
+    """Prints ``PROG: error: message`` on stderr (nothing when ``message`` is None) and ends the process at once
+    (from any thread), unless the process is already ending (its own error or interrupt line said the last word)."""
     if not interrupts._ending.acquire(blocking=False):
         return
-    prog = interrupts._state.get("prog") or "jaxcifar"
-    os.write(2, (" ".join(f"{prog}: error: {message}".split()) + "\n").encode())
+    if message is not None:
+        prog = interrupts._state.get("prog") or "jaxcifar"
+        os.write(2, (" ".join(f"{prog}: error: {message}".split()) + "\n").encode())
     os._exit(code)
