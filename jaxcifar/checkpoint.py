@@ -123,6 +123,7 @@ class Checkpointer:
         self.unreadable: list[int] = []
         self.asynchronous = asynchronous
         self.pending: int | None = None  # the step being written in the background
+        self.failed: CheckpointError | None = None  # a background write that failed: every later wait raises it
         self.latest = _manager(workdir / "checkpoints", keep, asynchronous)
         self.best = _manager(workdir / "best", 1, asynchronous)
 
@@ -185,20 +186,29 @@ class Checkpointer:
         self.unreadable = []
 
     def wait(self) -> None:
-        """Returns once the pending save (if any) is committed on disk; CheckpointError if it failed."""
-        for manager in (self.latest, self.best):
-            try:
-                manager.wait_until_finished()
-            except Exception as e:  # the background write's error surfaces here
-                step, self.pending = self.pending, None
-                raise CheckpointError(f"cannot save checkpoint {manager.directory}/{step}: {_first_line(e)}") from None
-        self.pending = None
+        """Returns once the pending save (if any) is committed on disk; CheckpointError if it failed, then
+        and on every later call (orbax reports a background write's error once: a caller that waits again,
+        e.g. to write its history at the end, must not take the failed save for committed)."""
+        if self.failed is None:
+            for manager in (self.latest, self.best):  # both, even when the first fails
+                try:
+                    manager.wait_until_finished()
+                except Exception as e:  # the background write's error surfaces here
+                    self.failed = self.failed or CheckpointError(
+                        f"cannot save checkpoint {manager.directory}/{self.pending}: {_first_line(e)}"
+                    )
+            self.pending = None
+        if self.failed is not None:
+            raise self.failed
 
     def close(self) -> None:
-        """Finishes pending saves and releases the managers."""
-        self.wait()
-        self.latest.close()
-        self.best.close()
+        """Finishes pending saves and releases the managers (CheckpointError, after releasing them, when a save
+        failed)."""
+        try:
+            self.wait()
+        finally:
+            self.latest.close()
+            self.best.close()
 
 
 def _manager(directory: Path, keep: int | None, asynchronous: bool = False) -> ocp.CheckpointManager:
