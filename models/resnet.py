@@ -41,79 +41,72 @@ def _same_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((pad, pad), (pad, pad))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity or projection (1x1 conv + BN) shortcut.
+ModuleDef = Any  # a Linen module class or a functools.partial of one
 
-    Input (B, H, W, C_in); output (B, H / strides, W / strides, features).
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-norm layers with an identity or projection (1x1 conv + norm) shortcut.
+
+    ``conv`` and ``norm`` are the building blocks (``ResNet`` hands in ``nn.Conv`` and ``nn.BatchNorm``
+    partials with the dtype, the convolution primitive and train/eval mode bound). Input
+    (B, H, W, C_in); output (B, H / strides, W / strides, features).
     """
 
     features: int
+    conv: ModuleDef
+    norm: ModuleDef
     strides: int = 1
-    dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=self.dtype,
-        )
-        y = conv(self.features, (3, 3), strides=self.strides, padding=_same_padding(3), name="conv1")(x)
-        y = nn.relu(norm(name="bn1")(y))
-        y = conv(self.features, (3, 3), padding=_same_padding(3), name="conv2")(y)
-        y = norm(name="bn2")(y)
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = self.conv(self.features, (3, 3), strides=self.strides, padding=_same_padding(3), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), padding=_same_padding(3), name="conv2")(y)
+        y = self.norm(name="bn2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = conv(self.features, (1, 1), strides=self.strides, padding=0, name="shortcut_conv")(x)
-            shortcut = norm(name="shortcut_bn")(shortcut)
+            shortcut = self.conv(self.features, (1, 1), strides=self.strides, padding=0, name="shortcut_conv")(x)
+            shortcut = self.norm(name="shortcut_bn")(shortcut)
         return nn.relu(y + shortcut)
 
 
 class ResNet(nn.Module):
     """CIFAR ResNet. ``apply(variables, x, train)`` maps (B, H, W, 3) images to (B, num_classes) logits.
 
-    Logits are float32 for float32 and bfloat16 compute (float64 for ``dtype=float64``, e.g. to check
-    numerics); parameters are float32 unless given otherwise.
-    ``conv_general_dilated`` is the convolution primitive (``lax.conv_general_dilated``'s signature,
-    e.g. ``jaxcifar.models.conv.CustomGradConv()``); it changes the gradients' speed, not the parameters.
+    Built from its parts as kuangliu's ``ResNet(BasicBlock, [2, 2, 2, 2])`` and flax's imagenet example:
+    ``block_cls`` (called as ``block_cls(features, conv=..., norm=..., strides=...)``), ``conv`` (an
+    ``nn.Conv``-like class) and ``norm`` (an ``nn.BatchNorm``-like class). Logits are float32 for float32
+    and bfloat16 compute (float64 for ``dtype=float64``, e.g. to check numerics); parameters are float32
+    unless given otherwise. ``conv_general_dilated`` is the convolution primitive
+    (``lax.conv_general_dilated``'s signature, e.g. ``jaxcifar.models.conv.CustomGradConv()``); it changes
+    the gradients' speed, not the parameters.
     """
 
     stage_sizes: Sequence[int]
+    block_cls: ModuleDef = BasicBlock
     num_classes: int = 10
     width: int = 64
     dtype: Any = jnp.float32
     conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        conv = functools.partial(
+            self.conv, use_bias=False, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
+        )
+        norm = functools.partial(
+            self.norm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype
+        )
         x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(
-            self.width,
-            (3, 3),
-            padding=_same_padding(3),
-            use_bias=False,
-            dtype=self.dtype,
-            conv_general_dilated=self.conv_general_dilated,
-            name="conv1",
-        )(x)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype, name="bn1"
-        )(x)
-        x = nn.relu(x)
+        x = conv(self.width, (3, 3), padding=_same_padding(3), name="conv1")(x)
+        x = nn.relu(norm(name="bn1")(x))
         for stage, (name, num_blocks) in enumerate(zip(STAGE_NAMES, self.stage_sizes, strict=True)):
             features = self.width * 2**stage
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                block_module = BasicBlock(
-                    features, strides, self.dtype, self.conv_general_dilated, name=f"{name}_{block}"
-                )
-                x = block_module(x, train)
+                x = self.block_cls(features, conv=conv, norm=norm, strides=strides, name=f"{name}_{block}")(x)
             x = self.perturb(name, x)
             self.sow("intermediates", name, x)
         x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
@@ -121,5 +114,5 @@ class ResNet(nn.Module):
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
-ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
-ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -76,3 +79,36 @@ def test_train_mode_updates_batch_stats_and_bfloat16_keeps_float32_params():
     before = variables["batch_stats"]["bn1"]["mean"]
     after = updates["batch_stats"]["bn1"]["mean"]
     assert float(jnp.abs(after - before).max()) > 0
+
+
+class _OneConvBlock(nn.Module):
+    """A block of a single conv-norm-ReLU, to show that ResNet builds whatever ``block_cls`` it is given."""
+
+    features: int
+    conv: Any
+    norm: Any
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        x = self.conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)), name="conv")(x)
+        return nn.relu(self.norm(name="bn")(x))
+
+
+class _NoScaleBatchNorm(nn.BatchNorm):
+    use_scale: bool = False
+
+
+def test_resnet_takes_its_block_and_norm_as_parameters():
+    model = models.ResNet(stage_sizes=(1, 1, 1, 1), block_cls=_OneConvBlock, norm=_NoScaleBatchNorm, width=4)
+    variables = _abstract_variables(model)
+    params = variables["params"]
+    assert set(params["layer2_0"]) == {"conv", "bn"}  # the given block, not BasicBlock
+    assert set(params["bn1"]) == {"bias"} and set(params["layer4_0"]["bn"]) == {"bias"}  # the stem's norm too
+    chex.assert_shape(params["layer4_0"]["conv"]["kernel"], (3, 3, 16, 32))
+    logits = model.apply(_init_params(model), jnp.zeros((2, 32, 32, 3)), train=False)
+    chex.assert_shape(logits, (2, 10))
+
+
+def _init_params(model):
+    return model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
