@@ -326,8 +326,12 @@ def set_up(
 def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, Any]]:
     """Runs one epoch of train steps (batches of a fresh permutation, with a progress bar) and returns
     the new state and the record so far: ``epoch``, ``step``, ``train_loss``, ``train_acc``, ``lr``,
-    ``train_seconds``. Raises DivergedError as soon as a progress refresh sees the loss diverge."""
+    ``train_seconds``. Raises DivergedError as soon as a progress refresh sees the loss diverge.
+
+    The step count is kept on the host (every epoch makes ``steps_per_epoch`` steps, a skipped float16 step
+    included): the loop reads nothing back from the device but the summed metrics of a progress refresh."""
     config, start = run.config, time.perf_counter()
+    first_step = (epoch - 1) * run.steps_per_epoch  # the state's step when the epoch starts
     key = jax.random.fold_in(run.shuffle_key, epoch)
     rows = shuffled_index_rows(key, len(run.train), run.steps_per_epoch, config.batch_size)
     bar = tqdm(
@@ -344,22 +348,30 @@ def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, di
             state, metrics = run.train_step(state, run.gather(run.train.images, run.train.labels, rows, i))
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             if (i + 1) % config.log_every == 0 or i + 1 == run.steps_per_epoch:
+                step = first_step + i + 1
                 loss, acc = _mean(sums)
-                check_loss(run, "the train loss", loss, epoch, int(state.step))
-                lr = float(run.schedule(int(state.step) - 1))
+                check_loss(run, "the train loss", loss, epoch, step)
+                lr = _learning_rate(run.schedule, step)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * acc:.2f}%", lr=f"{lr:.2e}", refresh=False)
-                run.writer.write_scalar("loss/train_running", loss, int(state.step))
+                run.writer.write_scalar("loss/train_running", loss, step)
             bar.update(1)
     finally:
         bar.close()
     loss, acc = _mean(sums)
-    record = {"epoch": epoch, "step": int(state.step), "train_loss": loss, "train_acc": acc}
-    record["lr"] = float(run.schedule(int(state.step) - 1))
+    step = first_step + run.steps_per_epoch
+    record = {"epoch": epoch, "step": step, "train_loss": loss, "train_acc": acc}
+    record["lr"] = _learning_rate(run.schedule, step)
     if state.dynamic_scale is not None:  # --dtype float16: steps skipped for non-finite gradients, the loss scale
         record["skipped_steps"] = int(jax.device_get(sums["skipped"]))
-        record["loss_scale"] = float(state.dynamic_scale.scale)
+        record["loss_scale"] = float(jax.device_get(state.dynamic_scale.scale))
     record["train_seconds"] = time.perf_counter() - start
     return state, record
+
+
+def _learning_rate(schedule: optax.Schedule, step: int) -> float:
+    """Returns the learning rate that step ``step`` (1-based) was taken with, computed on the host."""
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return float(jax.device_get(schedule(step - 1)))
 
 
 def _mean(sums: Any) -> tuple[float, float]:

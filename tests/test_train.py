@@ -151,3 +151,65 @@ def test_fit_evaluates_in_chunks_on_one_cpu_device():
     }
     hlo = steps.make_eval_step(MEAN, STD, mesh=mesh).lower(state, batch).as_text()
     assert "while" in hlo  # the chunk loop; one forward of the whole batch has none
+
+
+def _tiny_run(tmp_path: Path, **overrides):
+    """A set-up run (``loop.set_up``) of a width-4 ResNet18 on 128 synthetic images and its initial state."""
+    from jaxcifar import loop
+
+    config = Config(
+        data_source="synthetic", width=4, epochs=2, batch_size=32, eval_batch_size=64, train_subset=128,
+        test_subset=64, lr=0.05, log_every=2, workdir=str(tmp_path / "run"), compile_cache=False, **overrides,
+    )  # fmt: skip
+    mesh, model = loop.mesh_and_model(config)
+    dataset = load_dataset(config)
+    tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
+    state = jax.device_put(create_train_state(model, tx, config.seed), parallel.replicated(mesh))
+    run = loop.set_up(config, dataset, state, [], schedule, mesh, Path(config.workdir), verbose=False)
+    return run, state
+
+
+def test_an_epoch_reads_no_scalar_back_from_the_device(tmp_path, monkeypatch):
+    """No host syncs in the epoch loop: a scalar read of a device array (``int(state.step)``, ``float(loss)``)
+    waits for every queued step. big_vision runs its loops under ``jax.transfer_guard("disallow")``, but on
+    CPU a device->host read is no transfer and passes the guard, so here the scalar conversions of
+    ``jax.Array`` raise instead; the explicit ``jax.device_get`` of the summed metrics at a progress refresh
+    stays allowed."""
+    from jax._src.array import ArrayImpl
+
+    from jaxcifar import loop
+
+    run, state = _tiny_run(tmp_path)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("a scalar read of a device array inside the epoch loop (a host sync)")
+
+    try:
+        with monkeypatch.context() as guard:
+            for name in ("__int__", "__float__", "__index__", "__bool__", "item"):
+                guard.setattr(ArrayImpl, name, no_sync)
+            state, record = loop.train_epoch(run, state, 1)
+            state, record2 = loop.train_epoch(run, state, 2)
+        assert record["step"] == 4 and record2["step"] == 8 == int(state.step)  # the host's count is the state's
+        assert record2["lr"] == pytest.approx(float(run.schedule(7)))
+    finally:
+        run.writer.close()
+        run.checkpointer.close()
+
+
+def test_a_train_step_updates_the_batchnorm_statistics(tmp_path):
+    """A frozen BatchNorm (statistics not carried out of the step) would still train; this catches it at once."""
+    from jaxcifar import loop
+
+    run, state = _tiny_run(tmp_path)
+    try:
+        before = jax.device_get(state.batch_stats)
+        rows = loop.shuffled_index_rows(run.shuffle_key, 128, 4, 32)
+        batch = run.gather(run.train.images, run.train.labels, rows, 0)
+        state, _ = run.train_step(state, batch)
+        after = jax.device_get(state.batch_stats)
+        changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
+        assert all(jax.tree.leaves(changed)), changed  # every BatchNorm's mean and var moved
+    finally:
+        run.writer.close()
+        run.checkpointer.close()
