@@ -104,12 +104,6 @@ class MetricWriter:
         if self.tb is not None:
             self.tb.add_scalar(tag, value, step)
 
-    def write_image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """Logs one uint8 (H, W, 3) picture (e.g. a report figure) at ``step``."""
-        if self.tb is not None:
-            self.tb.add_image(tag, image, step)
-            self.tb.flush()
-
     def close(self) -> None:
         """Flushes and closes the TensorBoard writer."""
         if self.tb is not None:
