@@ -4,10 +4,10 @@ docs/cli.md is what tools/gen_cli_docs.py generates from the code.
 
 Python blocks run in a temporary folder holding ``data/cifar10-jpeg`` (the conftest's subset of the
 shared images) and ``runs/resnet18`` (a copy of the conftest's finished one-epoch run), only when the
-block names them. The one change made to a block: every ``Config(...)`` call gets the tiny sizes of
-``TINY`` (a CPU test cannot train width 64 for 20 epochs). A block fenced as ```` ```python no-run ````
-is only compiled. Blocks that train or make a report (``fit(``, ``run(``, ``make_report(``) take
-20-40 s of CPU each, so they run in the slow tier (``-m slow``).
+block names them. The one change made to a block: every ``Config(...)`` call gets the tiny sizes (and
+the LR that suits them) of ``TINY`` (a CPU test cannot train width 64 for 20 epochs). A block
+fenced as ```` ```python no-run ```` is only compiled. Blocks that train or make a report
+(``fit(``, ``run(``, ``make_report(``) take 20-40 s of CPU each, so they run in the slow tier.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from tests import torch_support
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-TINY = dict(width=8, epochs=1, train_subset=400, test_subset=200, batch_size=50, eval_batch_size=200)
+# The conftest's real_run: the same shapes and LR compile to the same programs, which the session's
+# persistent compilation cache then serves to every block that trains.
+TINY = dict(width=8, epochs=1, train_subset=400, test_subset=200, batch_size=50, lr=0.05)
 NO_RUN = "no-run"
 COMMANDS = ("train", "lr_find", "report", "bench")
 
