@@ -112,7 +112,8 @@ def check_resume(config: Config, workdir: Path, verbose: bool = True) -> tuple[C
         return config, None
     if not config.resume:
         raise CheckpointError(
-            f"--workdir {workdir} already holds a run; pass --resume to continue it or choose another --workdir"
+            f"--workdir {workdir} already holds a run; pass --resume (in Python: config.replace(resume=True)) "
+            "to continue it or choose another --workdir"
         )
     config = resume_config(workdir, config)
     meta = read_meta(workdir)

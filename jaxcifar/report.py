@@ -1,8 +1,9 @@
 """Explain a trained run: ``make_report(workdir)`` and ``python -m jaxcifar.report``.
 
 Loads a workdir's best checkpoint, predicts a whole split, and writes into the workdir:
-``curves.png`` (loss and accuracy per epoch), ``lr.png``, ``misclassified.png`` (the N most
-confident mistakes), ``gradcam.png`` (Grad-CAM of the predicted class on those N images),
+``curves.png`` (loss and accuracy per epoch), ``lr.png`` (the learning rate per step),
+``misclassified.png`` (the N most confident mistakes), ``gradcam.png`` (Grad-CAM of the predicted
+class on those N images),
 ``confusion.png`` and ``report.json`` (accuracy, per-class accuracy, confusion matrix, the
 misclassified examples).
 

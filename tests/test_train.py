@@ -137,7 +137,7 @@ def test_chunked_evaluation_equals_one_forward():
 
 def test_fit_evaluates_in_chunks_on_one_cpu_device():
     """``fit`` builds its eval step on a one-device mesh; on a CPU that step must run the forward in
-    chunks (a ``lax.map`` loop in the compiled program), as the README says."""
+    chunks (a ``lax.map`` loop in the compiled program), as docs/performance.md says."""
     if jax.devices()[0].platform != "cpu":
         pytest.skip("chunked evaluation is for CPU devices")
     mesh = parallel.make_mesh(1)
