@@ -5,6 +5,7 @@ folder behind. Real processes where the fault needs one (``tests/test_chaos.py``
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -119,11 +120,48 @@ def test_folder_cache_of_the_clipping_decoder_is_not_served(tmp_path, monkeypatc
 # ------------------------------------------------------------------------ a checkpoint write that fails
 
 
+def _closed_loop_error() -> RuntimeError:
+    """The error tensorstore's threads meet after a failed orbax write: a callback into a closed loop."""
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        return e
+    raise AssertionError("a closed loop took a callback")
+
+
+class _RaisesWhenCollected:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __del__(self) -> None:
+        raise self.error  # Python reports it to sys.unraisablehook, as tensorstore does its callbacks' errors
+
+
+def test_a_checkpointer_drops_only_the_callbacks_into_a_closed_loop(tmp_path, monkeypatch):
+    """Creating a Checkpointer makes ``sys.unraisablehook`` drop orbax's "Event loop is closed" (raised in
+    ``call_soon_threadsafe``); every other unraisable error still reaches the hook that was there before."""
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
+    from jaxcifar.checkpoint import Checkpointer
+
+    Checkpointer(tmp_path / "run", asynchronous=False).close()
+    Checkpointer(tmp_path / "run", asynchronous=False).close()  # installs the filter once
+    other_closed = RuntimeError("Event loop is closed")  # same words, raised elsewhere: a real error
+    errors = [_closed_loop_error(), ValueError("another"), other_closed]
+    for error in errors:
+        _RaisesWhenCollected(error)  # collected at once: its __del__ raises
+    assert seen == errors[1:]
+
+
+@pytest.mark.slow
 def test_a_checkpoint_write_failing_mid_run_ends_in_one_line(tmp_path, chaos_env):
     """Files limited to 16 kB once the run has compiled (``ulimit -f`` on the running process): orbax's
     background write fails; tensorstore then calls back into orbax's closed event loop once per pending
     write, and each "Event loop is closed" reached stderr as a traceback (hundreds of lines) before the one
-    correct line. Now that line is all."""
+    correct line. Now that line is all. Slow: it compiles test_chaos's run (80 s alone on the loaded 2-core
+    machine; the session's compilation cache shares the compile with test_chaos)."""
     launch = Launch(tmp_path / "run", chaos_env)
     deadline = time.monotonic() + 240
     while launch.alive() and not launch.printed("compile:") and time.monotonic() < deadline:
