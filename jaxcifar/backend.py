@@ -7,7 +7,8 @@
 - ``compiler_options()``: XLA flags for functions that run a model (on CPU, convolutions go to XLA's
   Eigen kernels instead of YNNPACK); ``lazy_jit`` applies them to module-level functions.
 - ``eval_chunk(devices)``: eval-mode forwards on one CPU device run in chunks.
-- ``enable_compile_cache(directory)``: JAX's persistent compilation cache (``--compile-cache``).
+- ``enable_compile_cache(directory)``: JAX's persistent compilation cache (``--compile-cache``), its
+  truncated entries replaced (``repair_compile_cache``).
 
 Every threshold here was measured on the 2-core CPU this project is developed on (jaxlib 0.10);
 the figures are in ``experiments/cpu_conv/README.md``.
@@ -15,7 +16,11 @@ the figures are in ``experiments/cpu_conv/README.md``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,11 @@ from typing import Any
 import jax
 from jax import lax
 
+from jaxcifar.errors import RunFileError
+from jaxcifar.files import write_json
 from jaxcifar.models.conv import PATCH_BLOCK_BYTES, CustomGradConv
+
+log = logging.getLogger(__name__)
 
 CONV_IMPLS = ("auto", "lax", "matmul")
 XLA_CPU_CONVOLUTIONS = ("eigen", "ynnpack")
@@ -90,10 +99,12 @@ def compiler_options(cpu_convolutions: str = "eigen", platform: str | None = Non
 def enable_compile_cache(directory: str | Path) -> Path | None:
     """Turns on JAX's persistent compilation cache in ``directory`` (created if needed), so that a
     re-run of the same configuration loads its compiled steps from disk instead of compiling them.
-    Keeps a cache directory the user already set (``JAX_COMPILATION_CACHE_DIR``). Returns the cache
-    directory in use, or None when ``directory`` cannot be created (the run goes on without a cache)."""
+    Keeps a cache directory the user already set (``JAX_COMPILATION_CACHE_DIR``). Deletes the cache's
+    truncated entries first (``repair_compile_cache``). Returns the cache directory in use, or None when
+    ``directory`` cannot be created (the run goes on without a cache)."""
     current = jax.config.jax_compilation_cache_dir
     if current:
+        repair_compile_cache(current)
         return Path(current)
     path = Path(directory)
     try:
@@ -102,7 +113,73 @@ def enable_compile_cache(directory: str | Path) -> Path | None:
         print(f"warning: no compilation cache: cannot create {path} ({e.strerror or e})", flush=True)
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
+    repair_compile_cache(path)
     return path
+
+
+COMPILE_CACHE_CHECKED = ".jaxcifar-checked.json"  # {entry file name: [size, mtime_ns]} of entries found intact
+
+
+def repair_compile_cache(directory: str | Path) -> list[Path]:
+    """Deletes the entries of JAX's persistent compilation cache in ``directory`` that do not decompress (a
+    write cut short by a full disk, ``ulimit -f`` or a kill); returns their paths.
+
+    JAX (0.10 to 0.12, ``LRUCache.put``) writes an entry in place and never over an existing one, so a
+    truncated entry made every later run warn ("Error reading persistent compilation cache entry") and
+    compile again; deleted, it is written anew by the next compile. Each entry is decompressed once: the
+    size and mtime of the intact ones are kept in ``directory/COMPILE_CACHE_CHECKED``. An entry being
+    written by another process at that moment may be deleted too (it is then compiled again). Remote
+    caches (``gs://...``) and JAX versions without ``decompress_executable`` are left alone.
+    """
+    try:
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:
+        return []
+    if "://" in str(directory):
+        return []
+    folder = Path(directory)
+    memo = folder / COMPILE_CACHE_CHECKED
+    try:
+        checked = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        checked = {}
+    checked = checked if isinstance(checked, dict) else {}
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.endswith("-cache") and e.is_file()]
+    except OSError:
+        return []
+    intact: dict[str, list[int]] = {}
+    removed: list[Path] = []
+    for entry in entries:
+        try:
+            stat = entry.stat()
+            stamp = [stat.st_size, stat.st_mtime_ns]
+            if checked.get(entry.name) != stamp:
+                blob = Path(entry.path).read_bytes()
+        except OSError:
+            continue
+        if checked.get(entry.name) != stamp:
+            try:
+                decompress_executable(blob)
+            except Exception:  # zlib.error, zstandard's or compression.zstd's errors: what JAX's read would raise
+                for path in (Path(entry.path), folder / (entry.name.removesuffix("-cache") + "-atime")):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                removed.append(Path(entry.path))
+                continue
+        intact[entry.name] = stamp
+    if intact != checked:
+        with contextlib.suppress(RunFileError):  # a read-only cache: checked again next time
+            write_json(memo, intact)
+    if removed:
+        log.warning(
+            "compile cache: deleted %d truncated entr%s in %s (a write cut short); %s again",
+            len(removed),
+            "y" if len(removed) == 1 else "ies",
+            folder,
+            "its function compiles" if len(removed) == 1 else "their functions compile",
+        )
+    return removed
 
 
 def lazy_jit(fun: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:

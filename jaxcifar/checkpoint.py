@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ class Checkpointer:
         self.asynchronous = asynchronous
         self.pending: int | None = None  # the step being written in the background
         self.failed: CheckpointError | None = None  # a background write that failed: every later wait raises it
+        drop_closed_loop_callbacks()
         self.latest = _manager(workdir / "checkpoints", keep, asynchronous)
         self.best = _manager(workdir / "best", 1, asynchronous)
 
@@ -209,6 +211,40 @@ class Checkpointer:
         finally:
             self.latest.close()
             self.best.close()
+
+
+def is_closed_loop_callback(error: BaseException | None) -> bool:
+    """True for the ``RuntimeError: Event loop is closed`` of a callback scheduled from another thread
+    (``call_soon_threadsafe``) into an asyncio loop that has been closed.
+
+    orbax writes through tensorstore, whose C++ threads call back into orbax's event loop when each write
+    completes; after a failed write (a full disk, ``ulimit -f``, a deleted workdir) orbax closes that loop,
+    and every callback still to come raises this inside tensorstore, which reports it to
+    ``sys.unraisablehook``: hundreds of tracebacks for one failure that ``Checkpointer`` reports in one line.
+    """
+    if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
+        return False
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def drop_closed_loop_callbacks() -> None:
+    """Makes ``sys.unraisablehook`` drop the errors of ``is_closed_loop_callback`` (idempotent); passes every
+    other one to the hook that was there before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not is_closed_loop_callback(unraisable.exc_value):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _manager(directory: Path, keep: int | None, asynchronous: bool = False) -> ocp.CheckpointManager:

@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -34,6 +35,11 @@ from typing import Any
 import numpy as np
 
 from jaxcifar.errors import DataError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; abandoned temporary cache folders go by age only
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +262,7 @@ def decode_image(path: Path, resize: bool) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _as_rgb(image, path)
             if image.size != (IMAGE_SIZE, IMAGE_SIZE):
                 if not resize:
                     raise DataError(
@@ -267,6 +273,22 @@ def decode_image(path: Path, resize: bool) -> np.ndarray:
             return np.asarray(image, np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: unreadable image ({e.__class__.__name__})") from e
+
+
+def _as_rgb(image: Any, path: Path) -> Any:
+    """Returns a PIL image as 8-bit RGB; 16-bit grayscale (PNG, Pillow mode ``I;16*`` or ``I``) keeps its
+    high byte (``value >> 8``), as Pillow reads 16-bit color PNGs. ``convert("RGB")`` alone would clip
+    every 16-bit value above 255 to white. Raises DataError for values that are not 8 or 16 bits."""
+    from PIL import Image
+
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise DataError(f"{path}: {image.mode} image with values outside 0..65535; expected 8- or 16-bit images")
+        image = Image.fromarray((values >> 8).astype(np.uint8))
+    elif image.mode == "F":
+        raise DataError(f"{path}: floating-point image (mode F); expected 8- or 16-bit images")
+    return image.convert("RGB")
 
 
 def decode_workers() -> int:
@@ -311,6 +333,9 @@ PARALLEL_MIN_IMAGES = 4096  # fewer images (auto workers) decode serially: a dec
 PARALLEL_MIN_SHARE = 1024  # at least this many images per process (auto workers)
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 _DATA_ERROR_EXIT = 3  # a decoding process's exit status after an unreadable image; stdout holds the message
+_ORPHANED_EXIT = 4  # a decoding process's exit status when the process that started it has ended
+_PARENT_CHECK_EVERY = 256  # images a decoding process decodes between looks at whether its parent still runs
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal this process gets when its parent ends
 
 # A decoding process imports this very package by its location (not by sys.path, which may find another
 # copy or none): jaxcifar/__init__.py imports nothing heavy, sources.py numpy and Pillow.
@@ -320,19 +345,46 @@ module = importlib.util.module_from_spec(spec)
 sys.modules["jaxcifar"] = module
 spec.loader.exec_module(module)
 from jaxcifar.sources import _decode_worker
-_decode_worker()
+_decode_worker({parent})
 """
 
 
-def _decode_worker() -> None:
-    """The body of a decoding process: reads ``{"resize": bool, "paths": [str]}`` (JSON) from stdin.
+def _die_with_parent(parent: int) -> None:
+    """Makes this (decoding) process end as soon as ``parent``, the process that started it, ends.
+
+    A command ends on Ctrl-C with ``os._exit`` (``jaxcifar.interrupts``) or may be killed: nothing of it runs
+    to stop its decoding processes, which would otherwise decode their whole share for nothing. On Linux
+    the kernel sends SIGKILL at the parent's end (``PR_SET_PDEATHSIG``, set through ctypes); elsewhere
+    ``_decode_worker`` looks at ``os.getppid()`` every ``_PARENT_CHECK_EVERY`` images. Exits at once with
+    ``_ORPHANED_EXIT`` when the parent has already ended.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the line above took effect
+        os._exit(_ORPHANED_EXIT)
+
+
+def _decode_worker(parent: int) -> None:
+    """The body of a decoding process started by process ``parent``: reads ``{"resize": bool, "paths":
+    [str]}`` (JSON) from stdin.
 
     Writes the images' raw uint8 bytes (N * 32 * 32 * 3, RGB, row-major) to stdout and exits 0, or writes
-    the one-line DataError message of the first unreadable image and exits ``_DATA_ERROR_EXIT``.
+    the one-line DataError message of the first unreadable image and exits ``_DATA_ERROR_EXIT``. Ends with
+    its parent (``_die_with_parent``).
     """
+    _die_with_parent(parent)
     request = json.loads(sys.stdin.buffer.read())
+    paths = [Path(p) for p in request["paths"]]
+    images = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     try:
-        images = _decode_serial([Path(p) for p in request["paths"]], bool(request["resize"]))
+        for start in range(0, len(paths), _PARENT_CHECK_EVERY):
+            if os.getppid() != parent:
+                os._exit(_ORPHANED_EXIT)
+            share = slice(start, start + _PARENT_CHECK_EVERY)
+            images[share] = _decode_serial(paths[share], bool(request["resize"]))
     except DataError as e:
         sys.stdout.buffer.write(str(e).encode("utf-8", "surrogateescape"))
         sys.stdout.flush()
@@ -360,7 +412,8 @@ def _decode_parallel(paths: Sequence[Path], resize: bool, workers: int) -> np.nd
     (killed, cannot start) has its share decoded here, with one warning.
     """
     package = Path(__file__).resolve().parent
-    command = [sys.executable, "-P", "-c", _WORKER_CODE.format(init=str(package / "__init__.py"), package=str(package))]
+    code = _WORKER_CODE.format(init=str(package / "__init__.py"), package=str(package), parent=os.getpid())
+    command = [sys.executable, "-P", "-c", code]
     bounds = np.linspace(0, len(paths), workers + 1).astype(int)
     shares = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
     images = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -412,7 +465,9 @@ def _decode_request(paths: Sequence[Path], resize: bool) -> bytes:
 
 # ------------------------------------------------------------------------------- folder cache
 
-FOLDER_CACHE_FORMAT = 1  # bump when the stored layout or the decoding changes: older entries are then ignored
+# Bump when the stored layout or the decoding changes: older entries are then ignored (and deleted). 2: 16-bit
+# grayscale PNGs keep their high byte (format 1 stored them clipped to white).
+FOLDER_CACHE_FORMAT = 2
 _STALE_TEMP_SECONDS = 3600  # a hidden temporary entry older than this was left by a killed run
 
 
@@ -497,14 +552,17 @@ def write_folder_cache(
     """Stores decoded arrays as the cache ``entry``; returns True when the entry exists afterwards.
 
     Atomic: the files go to a hidden temporary folder beside the entry, which is then renamed, so a killed
-    run leaves no entry that loads. Then the entries no load can use are deleted (``_remove_stale``). A
-    read-only, full or unusable cache folder logs one warning line and returns False (the run goes on
-    without the cache).
+    run leaves no entry that loads. The writer holds a lock on that folder (``_lock_folder``): a killed or
+    interrupted writer's folder is deleted at the next load (``_remove_abandoned``), a live one's never. Then
+    the entries no load can use are deleted (``_remove_stale``). A read-only, full or unusable cache folder
+    logs one warning line and returns False (the run goes on without the cache).
     """
     tmp: Path | None = None
+    lock: int | None = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
+        lock = _lock_folder(tmp)
         meta: dict[str, Any] = {
             "format": FOLDER_CACHE_FORMAT,
             "root": str(root.resolve()),
@@ -537,14 +595,67 @@ def write_folder_cache(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     _remove_stale(entry)
     return True
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """Takes an exclusive ``flock`` on a new temporary cache folder; returns the descriptor that holds it
+    (the lock lasts until it is closed or this process ends, however it ends), or None where folders cannot
+    be locked (Windows, some network file systems: their abandoned folders go by age, ``_remove_stale``).
+
+    Taken before anything is written into the folder: a folder with files and no lock holder was abandoned.
+    Blocking: ``_remove_abandoned`` holds the lock of an empty folder only for a look at its contents.
+    """
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_abandoned(cache: Path) -> None:
+    """Deletes the hidden temporary folders (``.*.tmp``) in ``cache`` whose writer has ended: killed or
+    interrupted mid-write (``os._exit`` on Ctrl-C), it left files in its folder and no lock on it (see
+    ``_lock_folder``). A folder whose writer still runs (locked), an empty one (its writer may be about to
+    lock it) and one that cannot be locked are left alone; ``_remove_stale`` deletes those an hour old."""
+    if fcntl is None:
+        return
+    try:
+        names = [n for n in os.listdir(cache) if n.startswith(".") and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        folder = cache / name
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while the writer holds it
+            if os.listdir(folder):
+                log.info("folder cache: deleting %s, left by an interrupted write", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _remove_stale(entry: Path) -> None:
     """Deletes the cache entries that no load can use any more: the other entries of ``entry``'s folder and
     resize flag (older states of the folder), entries whose folder no longer exists (e.g. a deleted
-    temporary copy), and temporary entries of killed runs an hour old."""
+    temporary copy), and temporary entries of killed runs an hour old (those ``_remove_abandoned`` cannot
+    tell: no lock)."""
     where = entry.name.split("-")[0]
     with contextlib.suppress(OSError):
         for other in entry.parent.iterdir():
@@ -590,6 +701,8 @@ def read_image_folder(
     }
     whole = {split: np.array_equal(keep[split], np.arange(len(files))) for split, (files, _) in listing.items()}
     entry = folder_cache_entry(root, listing, resize) if cache else None
+    if entry is not None:
+        _remove_abandoned(entry.parent)
     cached = load_folder_cache(entry, listing, class_names) if entry is not None else None
     out: dict[str, Arrays] = {}
     if cached is not None:

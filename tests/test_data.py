@@ -686,7 +686,8 @@ def test_folder_cache_damaged_entry_is_ignored_and_rebuilt(tmp_path, monkeypatch
 
 
 def test_folder_cache_write_killed_midway_leaves_no_entry(tmp_path, _private_cache_dir):
-    """A process killed while writing the cache (os._exit: no cleanup) leaves only a hidden temporary folder."""
+    """A process killed while writing the cache (os._exit: no cleanup) leaves only a hidden temporary folder,
+    which the next load deletes (its writer holds no lock on it any more)."""
     import subprocess
     import sys
 
@@ -708,10 +709,16 @@ def test_folder_cache_write_killed_midway_leaves_no_entry(tmp_path, _private_cac
     assert _cache_entries(_private_cache_dir) == [leftover.name]
     arrays, _ = _read(tmp_path / "data")
     _assert_same(arrays, _read(tmp_path / "data", cache=False)[0])
-    assert len(_cache_entries(_private_cache_dir)) == 2  # the new entry; the leftover goes after an hour
+    (entry,) = _cache_entries(_private_cache_dir)  # the new entry; the leftover of the dead writer is gone
+    assert not entry.startswith(".")
+    # A temporary folder that cannot be judged (empty: its writer may be about to lock it) goes after an hour.
+    empty = _private_cache_dir / "folders" / ".unjudged.tmp"
+    empty.mkdir()
+    _read(tmp_path / "data")
+    assert empty.is_dir()
     old = time.time() - 2 * 3600
-    os.utime(leftover, (old, old))
-    (_private_cache_dir / "folders" / _cache_entries(_private_cache_dir)[1]).rename(_private_cache_dir / "x")
+    os.utime(empty, (old, old))
+    (_private_cache_dir / "folders" / entry).rename(_private_cache_dir / "x")
     _read(tmp_path / "data")
     assert [n for n in _cache_entries(_private_cache_dir) if n.startswith(".")] == []
 

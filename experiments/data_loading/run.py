@@ -134,7 +134,8 @@ def main() -> None:
         print(f"data: {root} (temporary when unpacked here), {len(paths)} images")
 
         package = Path(sources.__file__).resolve().parent
-        worker = sources._WORKER_CODE.format(init=str(package / "__init__.py"), package=str(package))
+        init = str(package / "__init__.py")
+        worker = sources._WORKER_CODE.format(init=init, package=str(package), parent=os.getpid())
         worker = worker.split("from jaxcifar.sources import _decode_worker")[0] + "import jaxcifar.sources"
         print(f"start-up of one decoding process (python + jaxcifar.sources): {start_seconds(worker):.2f}s")
         print(
