@@ -211,7 +211,8 @@ class Config:
     report: bool = _field(
         False,
         "After training, write curves, misclassified and Grad-CAM galleries (the model's Grad-CAM layer), the "
-        "confusion matrix and report.json into --workdir (as python -m jaxcifar.report) and log the pictures to TensorBoard.",
+        "confusion matrix and report.json into --workdir (as python -m jaxcifar.report) and log the pictures to "
+        "TensorBoard.",
     )
 
     def __post_init__(self) -> None:
