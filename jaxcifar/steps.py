@@ -72,7 +72,7 @@ NO_LOOKAHEAD = Lookahead()
 def lookahead_update(state: TrainState, spec: Lookahead) -> TrainState:
     """Returns ``state`` after ``spec``'s Lookahead step at ``state.step`` (the steps done so far), for params
     and BatchNorm statistics alike (``state.lookahead`` holds the slow ones). No conditional: ``jnp.where``."""
-    step = state.step
+    step = jnp.asarray(state.step)
     sync = step % spec.every == 0
     decay = spec.decay * (step.astype(jnp.float32) / spec.total_steps) ** 3
     current = {"params": state.params, "batch_stats": state.batch_stats}

@@ -12,7 +12,8 @@ Convolutions are 3x3 with padding 1 and no bias, initialized as PyTorch does and
 first min(C_in, C_out) filters are the identity. BatchNorm has no scale, eps 1e-12 and keeps 0.6 of
 its running statistics per step (PyTorch momentum 0.4). GELU is the exact (erf) one, as PyTorch's.
 
-Block outputs are sown and perturbed as ``block1``..``block3`` (15x15, 7x7, 3x3); ``block2`` is the
+Modules: ``whiten``, ``group1``..``group3`` (each ``conv1``, ``norm1``, ``conv2``, ``norm2``), ``linear``.
+Their outputs are sown and perturbed as ``block1``..``block3`` (15x15, 7x7, 3x3); ``block2`` is the
 Grad-CAM layer.
 """
 
@@ -115,8 +116,9 @@ class AirbenchNet(nn.Module):
             name="whiten",
         )(x)
         x = gelu(x)
-        for name, features in (("block1", self.width), ("block2", 4 * self.width), ("block3", 4 * self.width)):
-            x = ConvGroup(features, self.dtype, self.conv_general_dilated, name=name)(x, train)
+        for k, features in enumerate((self.width, 4 * self.width, 4 * self.width), start=1):
+            x = ConvGroup(features, self.dtype, self.conv_general_dilated, name=f"group{k}")(x, train)
+            name = f"block{k}"
             x = self.perturb(name, x)
             self.sow("intermediates", name, x)
         x = nn.max_pool(x, (3, 3), strides=(3, 3))

@@ -9,8 +9,9 @@ Every convolution is 3x3, stride 1, padding 1, without bias; BatchNorm as PyTorc
 (momentum 0.1, eps 1e-5). At width 64 it has 6,573,120 parameters, as the original.
 
 Weights start as PyTorch's defaults (uniform in +-1/sqrt(fan_in) for convolutions and the Dense layer),
-so that the learning rates of the original recipe carry over. Stage outputs are sown and perturbed
-as ``layer1``..``layer3`` (16x16, 8x8, 4x4 on 32x32 inputs) for Grad-CAM; ``layer2`` is its layer.
+so that the learning rates of the original recipe carry over. Modules: ``prep``, ``layerK_conv``,
+``layerK_res1``, ``layerK_res2``. Stage outputs (after the residual) are sown and perturbed as
+``layer1``..``layer3`` (16x16, 8x8, 4x4 on 32x32 inputs) for Grad-CAM; ``layer2`` is its layer.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class ResNet9(nn.Module):
         x = block(self.width, name="prep")(x, train)
         for stage, (name, residual) in enumerate((("layer1", True), ("layer2", False), ("layer3", True))):
             features = self.width * 2 ** (stage + 1)
-            x = block(features, pool=True, name=name)(x, train)
+            x = block(features, pool=True, name=f"{name}_conv")(x, train)
             if residual:
                 x = x + block(features, name=f"{name}_res2")(block(features, name=f"{name}_res1")(x, train), train)
             x = self.perturb(name, x)
