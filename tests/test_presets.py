@@ -45,7 +45,8 @@ def test_airbench94_preset_learns_with_its_whitening_frozen_and_ends_on_the_look
     state, history = fit(config, dataset, verbose=False)
     assert history[-1]["test_acc"] >= 0.45, [h["test_acc"] for h in history]
     expected = whitening_kernel(dataset.train.images[:5000], dataset.mean, dataset.std)
-    np.testing.assert_array_equal(state.params["whiten"]["kernel"], expected)  # computed from the data, frozen
+    # computed from the data and never trained (Lookahead's averaging of the constant filters rounds in the last bit)
+    np.testing.assert_allclose(state.params["whiten"]["kernel"], expected, rtol=0, atol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, state.params, state.lookahead["params"])
     jax.tree.map(np.testing.assert_array_equal, state.batch_stats, state.lookahead["batch_stats"])
     assert models.gradcam_layer(models.get_model(config.model)) == "block2"
