@@ -37,7 +37,11 @@ class Config:
 
     # Model.
     model: str = _field("resnet18", "Model name.", choices=models.available_models())
-    width: int = _field(64, "Base channel count of the ResNet (64 is the standard ResNet18/34).")
+    width: int = _field(
+        64,
+        "Base channel count (64 is the standard): of ResNet18/34's first stage, ResNet-9's prep layer, airbench's "
+        "block1 (its blocks 2 and 3 have 4 x width).",
+    )
     dtype: str = _field(
         "float32",
         "Compute dtype; params, optimizer state, BatchNorm statistics and the loss stay float32. bfloat16 for TPUs "
