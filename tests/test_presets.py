@@ -1,6 +1,6 @@
 """The presets in experiments/ run as the CLI would (``--config experiments/X/config.json``), shrunk to a tiny
 synthetic problem: each learns, and airbench94's pieces hold in the finished run (whitening filters from the
-training images and never trained, the run ending on Lookahead's slow weights)."""
+training images and never trained, the run ending on Lookahead's slow weights, its report's Grad-CAM layer)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcifar import Config, fit, models
+from jaxcifar import Config, fit
 from jaxcifar.data import load_dataset
 from jaxcifar.models.airbench import whitening_kernel
+from jaxcifar.report import ReportOptions, make_report
 
 REPO = Path(__file__).resolve().parents[1]
 # Only the problem's size changes: the recipe (model, optimizer, schedule, augmentation, TTA) is the preset's.
@@ -49,7 +50,9 @@ def test_airbench94_preset_learns_with_its_whitening_frozen_and_ends_on_the_look
     np.testing.assert_allclose(state.params["whiten"]["kernel"], expected, rtol=0, atol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, state.params, state.lookahead["params"])
     jax.tree.map(np.testing.assert_array_equal, state.batch_stats, state.lookahead["batch_stats"])
-    assert models.gradcam_layer(models.get_model(config.model)) == "block2"
+    # the report explains it at its own Grad-CAM layer, with the preset's TTA
+    report = make_report(config.workdir, ReportOptions(n=2, tta=config.tta), config=config, dataset=dataset)
+    assert (report.summary["layer"], report.summary["tta"]) == ("block2, 7x7", "multi-crop")
 
 
 @pytest.mark.slow
