@@ -821,6 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, given in (("--torch-compile", args.torch_compile), ("--torch-device", args.torch_device != "auto")):
             if given:
                 parser.error(f"argument {flag}: needs --compare-torch")
+    elif not hasattr(models.get_model(args.model), "stage_sizes"):
+        parser.error(f"argument --compare-torch: no PyTorch twin of {args.model} yet (resnet18 and resnet34 have one)")
     else:
         # Both libraries share the GPU: JAX would otherwise take 75 % of its memory when its backend starts
         # (the first jax.devices() below); a value set by the user is kept. No effect once JAX has started.

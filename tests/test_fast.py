@@ -253,3 +253,24 @@ def test_lookahead_by_hand():
     # t=2: d=1/16, slow = 10/16 + 15/16 * 8 = 8.125; t=4: d=1/2, slow = (8.125 + 6.125) / 2
     assert slow == pytest.approx((8.125 + 6.125) / 2)
     assert float(state.lookahead["batch_stats"]["m"]) == pytest.approx(0.5 * (1 / 16 * 0 + 15 / 16 * 2) + 0.5 * 4)
+
+
+@pytest.mark.parametrize("preset", ["airbench94", "resnet9_24ep"])
+def test_presets_parse_as_the_cli_reads_them_and_flags_override(preset):
+    from pathlib import Path
+
+    from jaxcifar import cli
+    from jaxcifar.train import build_parser
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / preset / "config.json"
+    config = cli.parse_config(build_parser(), ["--config", str(path), "--epochs", "2"])
+    assert config == Config.load(path).replace(epochs=2)
+
+
+def test_bench_refuses_a_torch_comparison_without_a_pytorch_twin(capsys):
+    from jaxcifar import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", "airbench", "--compare-torch"])
+    assert exit_info.value.code == 2
+    assert "--compare-torch: no PyTorch twin of airbench yet" in capsys.readouterr().err
