@@ -1,11 +1,14 @@
 """The presets in experiments/ run as the CLI would (``--config experiments/X/config.json``), shrunk to a tiny
 synthetic problem: each learns, and airbench94's pieces hold in the finished run (whitening filters from the
-training images and never trained, the run ending on Lookahead's slow weights, its report's Grad-CAM layer)."""
+training images and never trained, the run ending on Lookahead's slow weights, an exact resume, its report's
+Grad-CAM layer)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ TINY = dict(
     epochs=4,
     compile_cache=False,
     async_checkpoints=False,
+    keep_checkpoints=4,
 )
 
 
@@ -50,6 +54,17 @@ def test_airbench94_preset_learns_with_its_whitening_frozen_and_ends_on_the_look
     np.testing.assert_allclose(state.params["whiten"]["kernel"], expected, rtol=0, atol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, state.params, state.lookahead["params"])
     jax.tree.map(np.testing.assert_array_equal, state.batch_stats, state.lookahead["batch_stats"])
+    # cut back to epoch 2 (as a crash would) and resume: the same run (Lookahead's slow weights, the optimizer
+    # groups' state and the alternating flip's epoch all come back from the checkpoint)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(config.workdir, interrupted)
+    for directory in ("checkpoints", "best"):
+        for step_dir in (interrupted / directory).iterdir():
+            if int(step_dir.name) > 2 * 8:
+                shutil.rmtree(step_dir)
+    resumed = fit(config.replace(workdir=str(interrupted), resume=True), dataset, verbose=False).state
+    chex.assert_trees_all_close(resumed.params, state.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(resumed.lookahead, state.lookahead, rtol=1e-5, atol=1e-6)
     # the report explains it at its own Grad-CAM layer, with the preset's TTA
     report = make_report(config.workdir, ReportOptions(n=2, tta=config.tta), config=config, dataset=dataset)
     assert (report.summary["layer"], report.summary["tta"]) == ("block2, 7x7", "multi-crop")
