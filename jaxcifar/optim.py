@@ -150,14 +150,12 @@ def param_label(path: tuple[Any, ...], model: str) -> str:
 
 def _update_rule(
     config: Config, schedule: optax.Schedule, momentum: optax.Schedule | None, lr_scale: float = 1.0
-) -> optax.GradientTransformation:
-    """Clip, coupled weight decay (divided by ``lr_scale``) and the update rule at ``lr_scale`` x the schedule."""
+) -> list[optax.GradientTransformation]:
+    """Weight decay (divided by ``lr_scale``) and the update rule at ``lr_scale`` x the schedule."""
     beta: float | optax.Schedule = config.momentum if momentum is None else momentum
     inject = optax.inject_hyperparams if momentum is not None else (lambda f, **_: f)
     lr = schedule if lr_scale == 1.0 else (lambda step: lr_scale * schedule(step))
     parts: list[optax.GradientTransformation] = []
-    if config.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(config.grad_clip))
     decay = coupled_weight_decay(config) / lr_scale
     if config.optimizer in ("sgd", "adam") and decay > 0:
         parts.append(optax.add_decayed_weights(decay))
@@ -167,10 +165,10 @@ def _update_rule(
     elif config.optimizer == "adam":
         parts.append(inject(optax.adam)(learning_rate=lr, b1=beta))
     elif config.optimizer == "adamw":
-        parts.append(inject(optax.adamw)(learning_rate=lr, b1=beta, weight_decay=config.weight_decay))
+        parts.append(inject(optax.adamw)(learning_rate=lr, b1=beta, weight_decay=config.weight_decay / lr_scale))
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
-    return optax.chain(*parts)
+    return parts
 
 
 def make_optimizer(
@@ -184,32 +182,34 @@ def make_optimizer(
     (``p -= lr * wd * p``, PyTorch AdamW). A ``momentum`` schedule (SGD momentum, Adam beta1) is injected
     with ``optax.inject_hyperparams``; by default the momentum is the constant ``config.momentum``.
 
-    Parameter groups (``param_label``, through ``optax.multi_transform``) where the model or config asks
-    for them: a model's frozen parameters get no update (``optax.set_to_zero``), its early ones none after
-    ``whiten_bias_epochs * steps_per_epoch`` steps (all the run when ``steps_per_epoch`` is 0), and BatchNorm
-    biases train at ``bn_bias_lr_mult`` x the LR with the weight decay divided by it (the same decay per step).
+    Parameter groups (``param_label``, through ``optax.multi_transform`` after the clip, which sees all the
+    gradients) where the model or config asks for them: a model's frozen parameters get no update
+    (``optax.set_to_zero``), its early ones none after ``whiten_bias_epochs * steps_per_epoch`` steps (all
+    the run when ``steps_per_epoch`` is 0), and BatchNorm biases train at ``bn_bias_lr_mult`` x the LR with
+    the weight decay divided by it (the same decay per step).
     Without groups the optimizer is the plain chain (same state layout as before groups existed).
     """
+    clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []  # over all groups at once
     rule = _update_rule(config, schedule, momentum)
     module = models.get_model(config.model)
     special = getattr(module, "frozen_params", ()) or getattr(module, "early_params", ())
     if not special and config.bn_bias_lr_mult == 1.0:
-        return rule
+        return optax.chain(*clip, *rule)
     early_steps = config.whiten_bias_epochs * steps_per_epoch if steps_per_epoch else None
-    early = rule
+    early = list(rule)
     if early_steps is not None:
-        early = optax.chain(rule, optax.scale_by_schedule(lambda step: (step < early_steps).astype(float)))
+        early.append(optax.scale_by_schedule(lambda step: (step < early_steps).astype(float)))
     transforms = {
-        "default": rule,
+        "default": optax.chain(*rule),
         "frozen": optax.set_to_zero(),
-        "early": early,
-        "norm_bias": _update_rule(config, schedule, momentum, config.bn_bias_lr_mult),
+        "early": optax.chain(*early),
+        "norm_bias": optax.chain(*_update_rule(config, schedule, momentum, config.bn_bias_lr_mult)),
     }
 
     def labels(params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(lambda path, _: param_label(path, config.model), params)
 
-    return optax.multi_transform(transforms, labels)
+    return optax.chain(*clip, optax.multi_transform(transforms, labels))
 
 
 def make_training_optimizer(

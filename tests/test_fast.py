@@ -129,6 +129,18 @@ def test_batchnorm_bias_lr_multiplier_keeps_the_decay_per_step():
     np.testing.assert_allclose(updates["conv"]["kernel"], [-0.1 * (0.5 + 0.01 * 3.0)], rtol=1e-6)
 
 
+def test_gradient_clipping_sees_every_group_at_once():
+    """grads (3, 4) have global norm 5: clipped to norm 1 they are (0.6, 0.8), whatever group each is in."""
+    params = {"bn1": {"bias": jnp.array([1.0])}, "conv": {"kernel": jnp.array([1.0])}}
+    grads = {"bn1": {"bias": jnp.array([3.0])}, "conv": {"kernel": jnp.array([4.0])}}
+    tx = optim.make_optimizer(
+        Config(bn_bias_lr_mult=2.0, grad_clip=1.0, weight_decay=0.0, momentum=0.0), optax.constant_schedule(0.1)
+    )
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["bn1"]["bias"], [-0.1 * 2.0 * 0.6], rtol=1e-6)
+    np.testing.assert_allclose(updates["conv"]["kernel"], [-0.1 * 0.8], rtol=1e-6)
+
+
 def test_decoupled_weight_decay_is_airbenchs_per_batch_decay():
     airbench = Config(
         lr=11.5 / (1 + 1 / (1 - 0.85)), momentum=0.85, weight_decay=0.0153, batch_size=1024, decoupled_weight_decay=True
