@@ -124,6 +124,13 @@ class Config:
         "BatchNorm biases train at this multiple of the LR (their weight decay divided by it, so the decay per "
         "step is unchanged); airbench uses 64.",
     )
+    muon_lr: float = _field(
+        0.0,
+        "Muon (optax.contrib.muon) for the convolution kernels at this peak LR, following the schedule's shape: "
+        "Nesterov momentum --muon-momentum, the update orthogonalized by 3 Newton-Schulz steps, no weight decay "
+        "(airbench94_muon); the other parameters keep --optimizer. 0 = off.",
+    )
+    muon_momentum: float = _field(0.6, "Muon's momentum (with --muon-lr).")
     whiten_bias_epochs: int = _field(
         3, "airbench: epochs during which the whitening convolution's bias trains (its filters never do)."
     )
@@ -258,6 +265,8 @@ class Config:
         _check(0 <= self.crop_padding <= 16, "crop_padding", "must be in [0, 16]")
         _check(self.bn_bias_lr_mult > 0, "bn_bias_lr_mult", "must be > 0")
         _check(self.whiten_bias_epochs >= 0, "whiten_bias_epochs", "must be >= 0")
+        _check(self.muon_lr >= 0, "muon_lr", "must be >= 0 (0 = off)")
+        _check(0.0 <= self.muon_momentum < 1.0, "muon_momentum", "must be in [0, 1)")
         _check(self.lookahead_every >= 0, "lookahead_every", "must be >= 0 (0 = off)")
         _check(0.0 <= self.lookahead_decay < 1.0, "lookahead_decay", "must be in [0, 1)")
         _check(

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxcifar import models
@@ -131,11 +132,12 @@ def coupled_weight_decay(config: Config) -> float:
 _NORM_MODULE = re.compile(r"(^|_)(bn|norm)\d*$")  # BatchNorm modules: bn1, shortcut_bn, norm2, bn
 
 
-def param_label(path: tuple[Any, ...], model: str) -> str:
+def param_label(path: tuple[Any, ...], model: str, ndim: int = 0, muon: bool = False) -> str:
     """Returns the optimizer group of the parameter at ``path`` (a ``jax.tree_util`` key path) of ``model``:
     ``frozen`` (the model's ``frozen_params``, e.g. airbench's whitening filters: never updated),
     ``early`` (its ``early_params``, e.g. the whitening bias: trained for ``--whiten-bias-epochs``),
-    ``norm_bias`` (the bias of a BatchNorm module) or ``default``."""
+    ``muon`` (with ``muon``, a convolution kernel: ``ndim`` 4), ``norm_bias`` (the bias of a BatchNorm
+    module) or ``default``."""
     names = tuple(str(getattr(k, "key", k)) for k in path)
     module = models.get_model(model)
     joined = "/".join(names)
@@ -143,9 +145,30 @@ def param_label(path: tuple[Any, ...], model: str) -> str:
         return "frozen"
     if joined in getattr(module, "early_params", ()):
         return "early"
+    if muon and ndim == 4:
+        return "muon"
     if names[-1] == "bias" and len(names) >= 2 and _NORM_MODULE.search(names[-2]):
         return "norm_bias"
     return "default"
+
+
+MUON_NS_STEPS = 3  # Newton-Schulz iterations per step, as airbench94_muon (optax's default is 5)
+# An HWIO kernel as a matrix for Muon: rows (kh, kw, C_in), columns C_out, as airbench reshapes (C_out, C_in*kh*kw).
+_CONV_MATRIX = optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+
+
+def muon_for_filters(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Returns Muon (``optax.contrib.muon``) for convolution kernels: Nesterov momentum ``muon_momentum``, the
+    update orthogonalized by ``MUON_NS_STEPS`` Newton-Schulz iterations on the (kh*kw*C_in, C_out) matrix, at
+    ``muon_lr`` x the schedule's relative LR (``schedule(step) / lr``); no weight decay (airbench94_muon)."""
+    peak = peak_lr(config)
+    return optax.contrib.muon(
+        learning_rate=lambda step: config.muon_lr * schedule(step) / peak,
+        ns_steps=MUON_NS_STEPS,
+        beta=config.muon_momentum,
+        nesterov=True,
+        muon_weight_dimension_numbers=lambda params: jax.tree.map(lambda _: _CONV_MATRIX, params),
+    )
 
 
 def _update_rule(
@@ -186,13 +209,14 @@ def make_optimizer(
     gradients) where the model or config asks for them: a model's frozen parameters get no update
     (``optax.set_to_zero``), its early ones none after ``whiten_bias_epochs * steps_per_epoch`` steps (all
     the run when ``steps_per_epoch`` is 0), and BatchNorm biases train at ``bn_bias_lr_mult`` x the LR with
-    the weight decay divided by it (the same decay per step).
+    the weight decay divided by it (the same decay per step); with ``muon_lr`` > 0 the convolution kernels
+    train with ``muon_for_filters``.
     Without groups the optimizer is the plain chain (same state layout as before groups existed).
     """
     clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []  # over all groups at once
     rule = _update_rule(config, schedule, momentum)
     module = models.get_model(config.model)
-    special = getattr(module, "frozen_params", ()) or getattr(module, "early_params", ())
+    special = getattr(module, "frozen_params", ()) or getattr(module, "early_params", ()) or config.muon_lr > 0
     if not special and config.bn_bias_lr_mult == 1.0:
         return optax.chain(*clip, *rule)
     early_steps = config.whiten_bias_epochs * steps_per_epoch if steps_per_epoch else None
@@ -205,9 +229,14 @@ def make_optimizer(
         "early": optax.chain(*early),
         "norm_bias": optax.chain(*_update_rule(config, schedule, momentum, config.bn_bias_lr_mult)),
     }
+    if config.muon_lr > 0:
+        transforms["muon"] = muon_for_filters(config, schedule)
+    muon = config.muon_lr > 0
 
     def labels(params: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(lambda path, _: param_label(path, config.model), params)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: param_label(path, config.model, jnp.ndim(leaf), muon), params
+        )
 
     return optax.chain(*clip, optax.multi_transform(transforms, labels))
 

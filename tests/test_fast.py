@@ -286,3 +286,29 @@ def test_bench_refuses_a_torch_comparison_without_a_pytorch_twin(capsys):
         bench.main(["--model", "airbench", "--compare-torch"])
     assert exit_info.value.code == 2
     assert "--compare-torch: no PyTorch twin of airbench yet" in capsys.readouterr().err
+
+
+def test_muon_orthogonalizes_the_conv_filter_updates_and_leaves_the_rest_to_sgd():
+    """A kernel gradient whose (kh*kw*C_in, C_out) matrix has singular values 8, 4, 2, 1: Muon's first update has
+    them all near muon_lr (3 Newton-Schulz steps bring these into about [0.7, 1.2] x muon_lr; a matrix 8x less
+    even than the gradient); the head and the frozen whitening filters are not Muon's."""
+    u, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3 * 3 * 8, 4)))
+    v, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(4, 4)))
+    grad = (u * np.array([8.0, 4.0, 2.0, 1.0])) @ v.T
+    params = {
+        "group1": {"conv1": {"kernel": jnp.zeros((3, 3, 8, 4))}},
+        "linear": {"kernel": jnp.zeros((4, 10))},
+        "whiten": {"kernel": jnp.zeros((2, 2, 3, 24)), "bias": jnp.zeros(24)},
+    }
+    grads = {
+        "group1": {"conv1": {"kernel": jnp.asarray(grad.reshape(3, 3, 8, 4), jnp.float32)}},
+        "linear": {"kernel": jnp.ones((4, 10))},
+        "whiten": {"kernel": jnp.ones((2, 2, 3, 24)), "bias": jnp.zeros(24)},
+    }
+    config = Config(model="airbench", muon_lr=0.24, lr=0.5, momentum=0.0, weight_decay=0.0)
+    tx = optim.make_optimizer(config, optax.constant_schedule(0.5))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    singular = np.linalg.svd(np.asarray(updates["group1"]["conv1"]["kernel"]).reshape(-1, 4), compute_uv=False)
+    assert np.all((0.6 * 0.24 < singular) & (singular < 1.3 * 0.24)) and singular.max() / singular.min() < 2, singular
+    np.testing.assert_allclose(updates["linear"]["kernel"], -0.5 * np.ones((4, 10)), rtol=1e-6)  # plain SGD
+    np.testing.assert_array_equal(updates["whiten"]["kernel"], np.zeros((2, 2, 3, 24)))  # still frozen
