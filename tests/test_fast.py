@@ -279,13 +279,19 @@ def test_presets_parse_as_the_cli_reads_them_and_flags_override(preset):
     assert config == Config.load(path).replace(epochs=2)
 
 
-def test_bench_refuses_a_torch_comparison_without_a_pytorch_twin(capsys):
-    from jaxcifar import bench
+@pytest.mark.parametrize(("name", "frozen"), [("resnet9", 0), ("airbench", 2 * 2 * 3 * 24)])
+def test_pytorch_twins_have_the_same_trainable_parameters(name, frozen):
+    """The bench's PyTorch twins: the Flax model's parameter count, less the frozen whitening filters (Flax keeps
+    them in params, frozen by the optimizer; the twin sets requires_grad False); same logits shape."""
+    torch = pytest.importorskip("torch")
+    from jaxcifar import torch_fast
 
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--model", "airbench", "--compare-torch"])
-    assert exit_info.value.code == 2
-    assert "--compare-torch: no PyTorch twin of airbench yet" in capsys.readouterr().err
+    net = torch_fast.twin(name, width=8)
+    flax_count = param_count(_abstract(models.get_model(name, width=8))["params"])
+    assert torch_fast.trainable_parameter_count(net) == flax_count - frozen
+    assert tuple(net(torch.zeros(2, 3, 32, 32)).shape) == (2, 10)
+    with pytest.raises(ValueError, match="no PyTorch twin of 'resnet18'"):
+        torch_fast.twin("resnet18")
 
 
 def test_muon_orthogonalizes_the_conv_filter_updates_and_leaves_the_rest_to_sgd():
