@@ -78,8 +78,8 @@ class Config:
     test_subset: int | None = _field(None, "Use only this many test images (stratified, seeded).")
     augment: str = _field(
         "crop-flip",
-        "On-device augmentation: random 32x32 crop of the 4-px zero-padded image, horizontal flip, "
-        "and optionally cutout.",
+        "On-device augmentation: random 32x32 crop of the padded image (--crop-padding px, 4; --pad-mode, zeros), "
+        "horizontal flip, and optionally cutout.",
         choices=AUGMENTS,
     )
     cutout_size: int = _field(8, "Side in pixels of the cutout square (crop-flip-cutout only).")
