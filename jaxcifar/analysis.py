@@ -33,7 +33,7 @@ def _predict_batch(
     flat = views.reshape(v * b, *views.shape[2:])
     chunk = backend.eval_chunk(jax.devices()[:1])  # predictions run on the default device
     logits = steps.apply_in_chunks(lambda x: model.apply(variables, x, train=False), flat, chunk)
-    probs = jax.nn.softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1).mean(axis=0)
+    probs = jnp.exp(transforms.tta_log_probs(logits.reshape(v, b, -1), tta))
     return probs, jnp.argmax(probs, axis=-1).astype(jnp.int32)
 
 

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 from jaxcifar import parallel
 from jaxcifar.data import Split
 
-Batch = dict[str, jax.Array]  # {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,)]}
+# {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,), "index": int32 (B,)]}
+Batch = dict[str, jax.Array]
 
 
 class DeviceSplit(NamedTuple):
@@ -57,11 +58,12 @@ def take_batch(images: jax.Array, labels: jax.Array, index_rows: jax.Array, row:
     """Returns batch ``row`` of a device-resident split: ``index_rows`` is int32 (steps, B).
 
     Negative indices mark padding: they fetch image 0 and get ``mask`` False. Returns
-    ``{"image": uint8 (B, H, W, 3), "label": int32 (B,), "mask": bool (B,)}``.
+    ``{"image": uint8 (B, H, W, 3), "label": int32 (B,), "mask": bool (B,), "index": int32 (B,)}`` (``index``:
+    each image's position in the split, 0 for padding).
     """
     idx = jax.lax.dynamic_index_in_dim(index_rows, row, keepdims=False)
     safe = jnp.maximum(idx, 0)
-    return {"image": images[safe], "label": labels[safe], "mask": idx >= 0}
+    return {"image": images[safe], "label": labels[safe], "mask": idx >= 0, "index": safe}
 
 
 gather_batch = jax.jit(take_batch)  # ``take_batch`` jitted, output on the default device.

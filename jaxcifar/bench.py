@@ -17,7 +17,8 @@ MFU (model FLOP utilization) = achieved FLOP/s (this analytic count) / the devic
 compute dtype, from ``PEAKS`` (vendor datasheets, matched on the device kind); None where the device is
 not in the table (every CPU).
 
-``--compare-torch`` times a PyTorch model of the same architecture (``jaxcifar.torch_resnet``:
+``--compare-torch`` times a PyTorch model of the same architecture (``jaxcifar.torch_fast`` for resnet9 and
+airbench; ``jaxcifar.torch_resnet``:
 kuangliu/pytorch-cifar's ResNet, same widths, batch, dtype via autocast, same thread count) on the same
 images in this process, doing what the jax steps do (``TORCH_STEPS``): the uint8 batch lives on the
 device, the train step crops and flips it per image there, normalizes, runs forward, backward and SGD.
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcifar import backend, cli, models, network, optim, sizing, steps, torch_resnet
+from jaxcifar import backend, cli, models, network, optim, sizing, steps, torch_fast, torch_resnet
 from jaxcifar.config import DTYPES, Config
 from jaxcifar.data import NORMALIZATION
 from jaxcifar.errors import DataError
@@ -461,7 +462,10 @@ def bench_torch(
     try:
         for memory_format in formats:
             fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-            model = torch_resnet.resnet(model_name, NUM_CLASSES, width).to(device=dev, memory_format=fmt)
+            if model_name in torch_fast.TWINS:
+                model = torch_fast.twin(model_name, NUM_CLASSES, width).to(device=dev, memory_format=fmt)
+            else:
+                model = torch_resnet.resnet(model_name, NUM_CLASSES, width).to(device=dev, memory_format=fmt)
             opt = torch.optim.SGD(
                 model.parameters(),
                 lr=0.01,
@@ -821,6 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, given in (("--torch-compile", args.torch_compile), ("--torch-device", args.torch_device != "auto")):
             if given:
                 parser.error(f"argument {flag}: needs --compare-torch")
+    elif not hasattr(models.get_model(args.model), "stage_sizes") and args.model not in torch_fast.TWINS:
+        parser.error(f"argument --compare-torch: no PyTorch twin of {args.model} yet")
     else:
         # Both libraries share the GPU: JAX would otherwise take 75 % of its memory when its backend starts
         # (the first jax.devices() below); a value set by the user is kept. No effect once JAX has started.

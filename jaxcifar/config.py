@@ -21,9 +21,10 @@ from jaxcifar.files import read_json, write_json
 DATA_SOURCES = ("auto", "tfds", "cifar-python", "folder", "synthetic")
 DATASETS = ("cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("onecycle", "cosine", "multistep", "warmup-cosine", "constant")
+SCHEDULES = ("onecycle", "linear-onecycle", "cosine", "multistep", "warmup-cosine", "constant")
 AUGMENTS = transforms.AUGMENT_MODES
 DTYPES = tuple(models.COMPUTE_DTYPES)
+PAD_MODES = transforms.PAD_MODES
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
@@ -36,7 +37,11 @@ class Config:
 
     # Model.
     model: str = _field("resnet18", "Model name.", choices=models.available_models())
-    width: int = _field(64, "Base channel count of the ResNet (64 is the standard ResNet18/34).")
+    width: int = _field(
+        64,
+        "Base channel count (64 is the standard): of ResNet18/34's first stage, ResNet-9's prep layer, airbench's "
+        "block1 (its blocks 2 and 3 have 4 x width).",
+    )
     dtype: str = _field(
         "float32",
         "Compute dtype; params, optimizer state, BatchNorm statistics and the loss stay float32. bfloat16 for TPUs "
@@ -73,11 +78,24 @@ class Config:
     test_subset: int | None = _field(None, "Use only this many test images (stratified, seeded).")
     augment: str = _field(
         "crop-flip",
-        "On-device augmentation: random 32x32 crop of the 4-px zero-padded image, horizontal flip, "
-        "and optionally cutout.",
+        "On-device augmentation: random 32x32 crop of the padded image (--crop-padding px, 4; --pad-mode, zeros), "
+        "horizontal flip, and optionally cutout.",
         choices=AUGMENTS,
     )
     cutout_size: int = _field(8, "Side in pixels of the cutout square (crop-flip-cutout only).")
+    crop_padding: int = _field(4, "Pixels of padding on each side before the random 32x32 crop (crop-flip*).")
+    pad_mode: str = _field(
+        "zeros",
+        "How the crop's padding is filled: zeros (black, as torchvision's RandomCrop(padding=4)) or reflect "
+        "(mirrored pixels, airbench's translation).",
+        choices=PAD_MODES,
+    )
+    alternating_flip: bool = _field(
+        False,
+        "Instead of a coin per image and step, flip each training image on every other epoch: a fixed coin per "
+        "image decides epoch 1, then the whole set flips on alternate epochs (airbench). Needs an --augment "
+        "that flips.",
+    )
     # Optimization.
     epochs: int = _field(20, "Number of training epochs.")
     batch_size: int = _field(512, "Training batch size (the last partial batch of each epoch is dropped).")
@@ -96,17 +114,39 @@ class Config:
         "Weight decay on all parameters. sgd and adam: coupled L2 added to the gradient, as PyTorch's "
         "SGD/Adam weight_decay; adamw: decoupled, multiplied by the LR, as PyTorch's AdamW.",
     )
+    decoupled_weight_decay: bool = _field(
+        False,
+        "sgd/adam: --weight-decay counts per 1024 examples, decoupled from --lr and --momentum (airbench): each "
+        "step decays the weights by about weight_decay x batch_size / 1024 x the schedule's relative LR.",
+    )
+    bn_bias_lr_mult: float = _field(
+        1.0,
+        "BatchNorm biases train at this multiple of the LR (their weight decay divided by it, so the decay per "
+        "step is unchanged); airbench uses 64.",
+    )
+    muon_lr: float = _field(
+        0.0,
+        "Muon (optax.contrib.muon) for the convolution kernels at this peak LR, following the schedule's shape: "
+        "Nesterov momentum --muon-momentum, the update orthogonalized by 3 Newton-Schulz steps, no weight decay "
+        "(airbench94_muon); the other parameters keep --optimizer. 0 = off.",
+    )
+    muon_momentum: float = _field(0.6, "Muon's momentum (with --muon-lr).")
+    whiten_bias_epochs: int = _field(
+        3, "airbench: epochs during which the whitening convolution's bias trains (its filters never do)."
+    )
     grad_clip: float = _field(0.0, "Clip gradients to this global L2 norm before weight decay; 0 = off.")
     label_smoothing: float = _field(0.0, "Label smoothing of the cross-entropy, in [0, 1).")
     schedule: str = _field(
         "onecycle",
-        "LR schedule, stepped per batch: onecycle (PyTorch OneCycleLR, cosine), cosine (to 0), multistep "
+        "LR schedule, stepped per batch: onecycle (PyTorch OneCycleLR, cosine), linear-onecycle (piecewise "
+        "linear: lr / div-factor -> lr at pct-start -> lr / (div-factor x final-div-factor) at the end, as Page's "
+        "ResNet-9 and airbench), cosine (to 0), multistep "
         "(x gamma at each milestone epoch), warmup-cosine (linear warm-up then cosine to 0), constant.",
         choices=SCHEDULES,
     )
-    pct_start: float = _field(0.3, "onecycle: fraction of the steps spent increasing the LR.")
-    div_factor: float = _field(25.0, "onecycle: initial LR = lr / div_factor.")
-    final_div_factor: float = _field(1e4, "onecycle: final LR = initial LR / final_div_factor.")
+    pct_start: float = _field(0.3, "onecycle, linear-onecycle: fraction of the steps spent increasing the LR.")
+    div_factor: float = _field(25.0, "onecycle, linear-onecycle: initial LR = lr / div_factor.")
+    final_div_factor: float = _field(1e4, "onecycle, linear-onecycle: final LR = initial LR / final_div_factor.")
     milestones: tuple[int, ...] = _field((10, 15), "multistep: epochs at which the LR is multiplied by gamma.")
     gamma: float = _field(0.1, "multistep: LR factor at each milestone.")
     warmup_epochs: float = _field(1.0, "warmup-cosine: epochs of linear warm-up from 0.")
@@ -116,14 +156,24 @@ class Config:
         "Keep an exponential moving average of the weights (and BatchNorm statistics) with this decay, in "
         "[0, 1), e.g. 0.999; evaluation, the best checkpoint and the report then use the EMA weights.",
     )
+    lookahead_every: int = _field(
+        0,
+        "Lookahead weight averaging (airbench): every this many steps the slow weights (and BatchNorm statistics) "
+        "move to decay * slow + (1 - decay) * current and the current ones are reset to them; at the last step "
+        "the run ends on the slow weights. 0 = off; airbench uses 5.",
+    )
+    lookahead_decay: float = _field(
+        0.95**5, "Lookahead: decay at the last step; at step t of T it is lookahead_decay x (t / T)^3 (airbench)."
+    )
     mixup_alpha: float = _field(0.0, "MixUp: lambda ~ Beta(alpha, alpha), e.g. 0.2; 0 = off.")
     cutmix_alpha: float = _field(0.0, "CutMix: lambda ~ Beta(alpha, alpha), e.g. 1.0; 0 = off (both on: 50/50).")
     mix_prob: float = _field(1.0, "Probability that a batch is mixed (MixUp/CutMix), in [0, 1].")
     mix_off_epoch: int = _field(0, "Stop MixUp/CutMix for the last this many epochs.")
     tta: str = _field(
         "none",
-        "Test-time augmentation at evaluation: flip (original + mirror) or flip-translate (+ four 1-px shifts); "
-        "softmax averaged over the views.",
+        "Test-time augmentation at evaluation: flip (original + mirror) or flip-translate (+ four 1-px shifts), "
+        "softmax averaged over the views; multi-crop (airbench: original, mirror, and both shifted 1 px up-left "
+        "and down-right with reflect padding; logits weighted 1/4, 1/4 and 1/8 each).",
         choices=transforms.TTA_MODES,
     )
     cycle_momentum: bool = _field(
@@ -171,8 +221,9 @@ class Config:
     )
     report: bool = _field(
         False,
-        "After training, write curves, misclassified and Grad-CAM galleries (layer3), the confusion matrix and "
-        "report.json into --workdir (as python -m jaxcifar.report) and log the pictures to TensorBoard.",
+        "After training, write curves, misclassified and Grad-CAM galleries (the model's Grad-CAM layer), the "
+        "confusion matrix and report.json into --workdir (as python -m jaxcifar.report) and log the pictures to "
+        "TensorBoard.",
     )
 
     def __post_init__(self) -> None:
@@ -211,6 +262,28 @@ class Config:
         _check(self.gamma > 0, "gamma", "must be > 0")
         _check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
         _check(1 <= self.cutout_size <= 32, "cutout_size", "must be in [1, 32]")
+        _check(0 <= self.crop_padding <= 16, "crop_padding", "must be in [0, 16]")
+        _check(self.bn_bias_lr_mult > 0, "bn_bias_lr_mult", "must be > 0")
+        _check(self.whiten_bias_epochs >= 0, "whiten_bias_epochs", "must be >= 0")
+        _check(self.muon_lr >= 0, "muon_lr", "must be >= 0 (0 = off)")
+        _check(0.0 <= self.muon_momentum < 1.0, "muon_momentum", "must be in [0, 1)")
+        _check(self.lookahead_every >= 0, "lookahead_every", "must be >= 0 (0 = off)")
+        _check(0.0 <= self.lookahead_decay < 1.0, "lookahead_decay", "must be in [0, 1)")
+        _check(
+            not self.alternating_flip or self.augment != "none",
+            "alternating_flip",
+            "needs an --augment that flips (flip, crop-flip, crop-flip-cutout)",
+        )
+        _check(
+            not self.decoupled_weight_decay or self.optimizer in ("sgd", "adam"),
+            "decoupled_weight_decay",
+            "needs --optimizer sgd or adam (adamw decouples its own way)",
+        )
+        _check(
+            not self.decoupled_weight_decay or self.lr != "auto",
+            "decoupled_weight_decay",
+            "needs a numeric --lr (the decay per step is computed from it)",
+        )
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.log_every >= 1, "log_every", "must be >= 1")
         _check(self.num_devices >= 0, "num_devices", "must be >= 0 (0 = all)")

@@ -38,7 +38,7 @@ from jaxcifar.errors import CheckpointError, ConfigError, DataError, DivergedErr
 from jaxcifar.evaluation import Evaluator
 from jaxcifar.files import ensure_dir
 from jaxcifar.mixing import MixSpec
-from jaxcifar.network import build_model
+from jaxcifar.network import build_model, data_init
 from jaxcifar.sources import default_cache_dir
 from jaxcifar.state import TrainState, create_train_state, param_count
 from jaxcifar.timing import Timing
@@ -126,7 +126,9 @@ def restore(config: Config, model: Any, meta: dict[str, Any], mesh: Mesh, workdi
     """Returns the newest intact checkpoint of ``workdir`` (an unreadable newer one is named and skipped)."""
     steps_per_epoch = int(meta["step"]) // int(meta["epoch"])
     tx, _ = optim.make_training_optimizer(config, steps_per_epoch)
-    template = create_train_state(model, tx, config.seed, ema=config.ema_decay is not None)
+    template = create_train_state(
+        model, tx, config.seed, ema=config.ema_decay is not None, lookahead=config.lookahead_every > 0
+    )
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, asynchronous=False)
     try:
         restored = checkpointer.restore_latest(template)
@@ -181,7 +183,14 @@ def fit(
     tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
     if restored is None:
         with timing.phase("init"):
-            state = create_train_state(model, tx, config.seed, ema=config.ema_decay is not None)
+            state = create_train_state(
+                model,
+                tx,
+                config.seed,
+                ema=config.ema_decay is not None,
+                lookahead=config.lookahead_every > 0,
+                init_params=data_init(model, dataset),
+            )
             state, history, best = jax.device_put(state, parallel.replicated(mesh)), [], -1.0
     else:
         state, history, best = restored.state, restored.history, restored.best
@@ -283,6 +292,10 @@ def set_up(
         mesh=mesh,
         mix=mix,
         ema_decay=config.ema_decay,
+        crop_padding=config.crop_padding,
+        pad_mode=config.pad_mode,
+        flip_epoch_steps=steps_per_epoch if config.alternating_flip else 0,
+        lookahead=steps.Lookahead(config.lookahead_every, config.lookahead_decay, config.epochs * steps_per_epoch),
     )
     evaluators = {}
     for ema in [False, True] if config.ema_decay is not None else [False]:

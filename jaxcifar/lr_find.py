@@ -32,7 +32,7 @@ from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import JaxcifarError
 from jaxcifar.files import write_json
 from jaxcifar.mixing import MixSpec
-from jaxcifar.network import build_model
+from jaxcifar.network import build_model, data_init
 from jaxcifar.plots import plot_lr_find
 from jaxcifar.sources import default_cache_dir
 from jaxcifar.state import create_train_state
@@ -152,10 +152,19 @@ def lr_find(
     n_steps, start, end = config.lr_find_steps, config.lr_find_start, config.lr_find_end
     schedule = optax.exponential_decay(start, transition_steps=n_steps - 1, decay_rate=end / start)
     tx = optim.make_optimizer(config, schedule)
-    state = jax.device_put(create_train_state(model, tx, config.seed), on_all)
+    state = create_train_state(model, tx, config.seed, init_params=data_init(model, dataset))
+    state = jax.device_put(state, on_all)
     mix = MixSpec(config.mixup_alpha, config.cutmix_alpha, config.mix_prob)
     train_step = steps.make_train_step(
-        dataset.mean, dataset.std, config.augment, config.cutout_size, config.label_smoothing, mesh=mesh, mix=mix
+        dataset.mean,
+        dataset.std,
+        config.augment,
+        config.cutout_size,
+        config.label_smoothing,
+        mesh=mesh,
+        mix=mix,
+        crop_padding=config.crop_padding,
+        pad_mode=config.pad_mode,
     )
     gather = make_gather_batch(mesh)
     steps_per_epoch = len(train) // config.batch_size

@@ -1,14 +1,17 @@
-"""The network of a run: ``build_model(config)``, the Linen module with this machine's convolution."""
+"""The network of a run: ``build_model(config)``, the Linen module with this machine's convolution, and
+``data_init``, the part of its initial weights that comes from the training images."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 
 from jaxcifar import backend, models
 from jaxcifar.config import Config
+from jaxcifar.data import Dataset
 
 
 def build_model(config: Config, devices: Sequence[Any] | None = None) -> nn.Module:
@@ -20,4 +23,12 @@ def build_model(config: Config, devices: Sequence[Any] | None = None) -> nn.Modu
         width=config.width,
         dtype=models.COMPUTE_DTYPES[config.dtype],
         conv_general_dilated=backend.conv_general_dilated(config.conv_impl, devices),
+    )
+
+
+def data_init(model: nn.Module, dataset: Dataset) -> Callable[[Any], Any]:
+    """Returns params -> params: the data-dependent part of ``model``'s init (``models.initial_params``, e.g.
+    airbench's whitening filters) computed from ``dataset``'s training images; the identity for other models."""
+    return functools.partial(
+        models.initial_params, model, images=dataset.train.images, mean=dataset.mean, std=dataset.std
     )

@@ -5,8 +5,14 @@ All schedules are functions of the optimizer step (one step per batch).
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 import optax
 
+from jaxcifar import models
 from jaxcifar.config import Config
 from jaxcifar.errors import ConfigError
 
@@ -59,6 +65,26 @@ def onecycle_momentum_schedule(
     )
 
 
+def linear_onecycle_schedule(
+    total_steps: int, max_lr: float, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4
+) -> optax.Schedule:
+    """The piecewise-linear one-cycle of Page's ResNet-9 and airbench94: ``max_lr / div_factor`` at step 0,
+    ``max_lr`` at step ``int(pct_start * total_steps)``, then linearly to ``max_lr / (div_factor *
+    final_div_factor)`` at step ``total_steps`` (airbench94: pct_start 0.23, div_factor 5, final_div_factor
+    0.2 / 0.07). Returns a function step -> float32 LR."""
+    peak_step = int(pct_start * total_steps)
+    if peak_step <= 0 or peak_step >= total_steps:
+        raise ConfigError(
+            f"--schedule linear-onecycle needs int(--pct-start x steps) in [1, steps), got {peak_step} of "
+            f"{total_steps} steps; train longer or change --pct-start"
+        )
+    return optax.piecewise_interpolate_schedule(
+        "linear",
+        init_value=max_lr / div_factor,
+        boundaries_and_scales={peak_step: div_factor, total_steps: 1.0 / (div_factor * final_div_factor)},
+    )
+
+
 def peak_lr(config: Config) -> float:
     """Returns ``config.lr`` as a float. ConfigError for ``"auto"``: the LR range test resolves it before
     any schedule is built (``jaxcifar.run``; ``python -m jaxcifar.train --lr auto``)."""
@@ -72,6 +98,8 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     total, lr = config.epochs * steps_per_epoch, peak_lr(config)
     if config.schedule == "onecycle":
         return onecycle_schedule(total, lr, config.pct_start, config.div_factor, config.final_div_factor)
+    if config.schedule == "linear-onecycle":
+        return linear_onecycle_schedule(total, lr, config.pct_start, config.div_factor, config.final_div_factor)
     if config.schedule == "cosine":
         return optax.cosine_decay_schedule(lr, decay_steps=total)
     if config.schedule == "multistep":
@@ -86,34 +114,131 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
+def coupled_weight_decay(config: Config) -> float:
+    """Returns the L2 coefficient added to the gradient (``g + c * p``, before momentum) for sgd and adam.
+
+    ``config.weight_decay`` itself, or with ``decoupled_weight_decay`` (airbench's parametrization: weight
+    decay per 1024 examples, decoupled from the peak LR and the momentum) ``c = weight_decay * batch_size
+    / (1024 * (1 + 1 / (1 - momentum)) * lr)``: a step then decays the weights by about ``weight_decay *
+    batch_size / 1024`` times the schedule's relative LR, whatever ``--lr`` and ``--momentum`` are
+    (airbench94: 0.0153 / 11.5 for lr 1.5 and momentum 0.85).
+    """
+    if not config.decoupled_weight_decay:
+        return config.weight_decay
+    amplification = 1.0 + 1.0 / (1.0 - config.momentum)  # a Nesterov step's size relative to a constant gradient
+    return config.weight_decay * config.batch_size / (1024.0 * amplification * peak_lr(config))
+
+
+_NORM_MODULE = re.compile(r"(^|_)(bn|norm)\d*$")  # BatchNorm modules: bn1, shortcut_bn, norm2, bn
+
+
+def param_label(path: tuple[Any, ...], model: str, ndim: int = 0, muon: bool = False) -> str:
+    """Returns the optimizer group of the parameter at ``path`` (a ``jax.tree_util`` key path) of ``model``:
+    ``frozen`` (the model's ``frozen_params``, e.g. airbench's whitening filters: never updated),
+    ``early`` (its ``early_params``, e.g. the whitening bias: trained for ``--whiten-bias-epochs``),
+    ``muon`` (with ``muon``, a convolution kernel: ``ndim`` 4), ``norm_bias`` (the bias of a BatchNorm
+    module) or ``default``."""
+    names = tuple(str(getattr(k, "key", k)) for k in path)
+    module = models.get_model(model)
+    joined = "/".join(names)
+    if joined in getattr(module, "frozen_params", ()):
+        return "frozen"
+    if joined in getattr(module, "early_params", ()):
+        return "early"
+    if muon and ndim == 4:
+        return "muon"
+    if names[-1] == "bias" and len(names) >= 2 and _NORM_MODULE.search(names[-2]):
+        return "norm_bias"
+    return "default"
+
+
+MUON_NS_STEPS = 3  # Newton-Schulz iterations per step, as airbench94_muon (optax's default is 5)
+# An HWIO kernel as a matrix for Muon: rows (kh, kw, C_in), columns C_out, as airbench reshapes (C_out, C_in*kh*kw).
+_CONV_MATRIX = optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+
+
+def muon_for_filters(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Returns Muon (``optax.contrib.muon``) for convolution kernels: Nesterov momentum ``muon_momentum``, the
+    update orthogonalized by ``MUON_NS_STEPS`` Newton-Schulz iterations on the (kh*kw*C_in, C_out) matrix, at
+    ``muon_lr`` x the schedule's relative LR (``schedule(step) / lr``); no weight decay (airbench94_muon)."""
+    peak = peak_lr(config)
+    return optax.contrib.muon(
+        learning_rate=lambda step: config.muon_lr * schedule(step) / peak,
+        ns_steps=MUON_NS_STEPS,
+        beta=config.muon_momentum,
+        nesterov=True,
+        muon_weight_dimension_numbers=lambda params: jax.tree.map(lambda _: _CONV_MATRIX, params),
+    )
+
+
+def _update_rule(
+    config: Config, schedule: optax.Schedule, momentum: optax.Schedule | None, lr_scale: float = 1.0
+) -> list[optax.GradientTransformation]:
+    """Weight decay (divided by ``lr_scale``) and the update rule at ``lr_scale`` x the schedule."""
+    beta: float | optax.Schedule = config.momentum if momentum is None else momentum
+    inject = optax.inject_hyperparams if momentum is not None else (lambda f, **_: f)
+    lr = schedule if lr_scale == 1.0 else (lambda step: lr_scale * schedule(step))
+    parts: list[optax.GradientTransformation] = []
+    decay = coupled_weight_decay(config) / lr_scale
+    if config.optimizer in ("sgd", "adam") and decay > 0:
+        parts.append(optax.add_decayed_weights(decay))
+    if config.optimizer == "sgd":
+        sgd = inject(optax.sgd, static_args=("nesterov",))
+        parts.append(sgd(learning_rate=lr, momentum=beta or None, nesterov=config.nesterov))
+    elif config.optimizer == "adam":
+        parts.append(inject(optax.adam)(learning_rate=lr, b1=beta))
+    elif config.optimizer == "adamw":
+        parts.append(inject(optax.adamw)(learning_rate=lr, b1=beta, weight_decay=config.weight_decay / lr_scale))
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    return parts
+
+
 def make_optimizer(
-    config: Config, schedule: optax.Schedule, momentum: optax.Schedule | None = None
+    config: Config, schedule: optax.Schedule, momentum: optax.Schedule | None = None, steps_per_epoch: int = 0
 ) -> optax.GradientTransformation:
     """Returns the optax optimizer of ``config`` driven by ``schedule``.
 
     Order: clip the raw gradient (``grad_clip``), then weight decay, then the update rule.
-    ``sgd``/``adam`` use coupled L2 (``g + wd * p``, PyTorch SGD/Adam ``weight_decay``);
-    ``adamw`` uses decoupled decay (``p -= lr * wd * p``, PyTorch AdamW). A ``momentum`` schedule
-    (SGD momentum, Adam beta1) is injected with ``optax.inject_hyperparams``; by default the
-    momentum is the constant ``config.momentum``.
+    ``sgd``/``adam`` use coupled L2 (``g + wd * p``, PyTorch SGD/Adam ``weight_decay``; see
+    ``coupled_weight_decay`` for ``--decoupled-weight-decay``); ``adamw`` uses decoupled decay
+    (``p -= lr * wd * p``, PyTorch AdamW). A ``momentum`` schedule (SGD momentum, Adam beta1) is injected
+    with ``optax.inject_hyperparams``; by default the momentum is the constant ``config.momentum``.
+
+    Parameter groups (``param_label``, through ``optax.multi_transform`` after the clip, which sees all the
+    gradients) where the model or config asks for them: a model's frozen parameters get no update
+    (``optax.set_to_zero``), its early ones none after ``whiten_bias_epochs * steps_per_epoch`` steps (all
+    the run when ``steps_per_epoch`` is 0), and BatchNorm biases train at ``bn_bias_lr_mult`` x the LR with
+    the weight decay divided by it (the same decay per step); with ``muon_lr`` > 0 the convolution kernels
+    train with ``muon_for_filters``.
+    Without groups the optimizer is the plain chain (same state layout as before groups existed).
     """
-    beta: float | optax.Schedule = config.momentum if momentum is None else momentum
-    inject = optax.inject_hyperparams if momentum is not None else (lambda f, **_: f)
-    parts: list[optax.GradientTransformation] = []
-    if config.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(config.grad_clip))
-    if config.optimizer in ("sgd", "adam") and config.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(config.weight_decay))
-    if config.optimizer == "sgd":
-        sgd = inject(optax.sgd, static_args=("nesterov",))
-        parts.append(sgd(learning_rate=schedule, momentum=beta or None, nesterov=config.nesterov))
-    elif config.optimizer == "adam":
-        parts.append(inject(optax.adam)(learning_rate=schedule, b1=beta))
-    elif config.optimizer == "adamw":
-        parts.append(inject(optax.adamw)(learning_rate=schedule, b1=beta, weight_decay=config.weight_decay))
-    else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}")
-    return optax.chain(*parts)
+    clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []  # over all groups at once
+    rule = _update_rule(config, schedule, momentum)
+    module = models.get_model(config.model)
+    special = getattr(module, "frozen_params", ()) or getattr(module, "early_params", ()) or config.muon_lr > 0
+    if not special and config.bn_bias_lr_mult == 1.0:
+        return optax.chain(*clip, *rule)
+    early_steps = config.whiten_bias_epochs * steps_per_epoch if steps_per_epoch else None
+    early = list(rule)
+    if early_steps is not None:
+        early.append(optax.scale_by_schedule(lambda step: (step < early_steps).astype(float)))
+    transforms = {
+        "default": optax.chain(*rule),
+        "frozen": optax.set_to_zero(),
+        "early": optax.chain(*early),
+        "norm_bias": optax.chain(*_update_rule(config, schedule, momentum, config.bn_bias_lr_mult)),
+    }
+    if config.muon_lr > 0:
+        transforms["muon"] = muon_for_filters(config, schedule)
+    muon = config.muon_lr > 0
+
+    def labels(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: param_label(path, config.model, jnp.ndim(leaf), muon), params
+        )
+
+    return optax.chain(*clip, optax.multi_transform(transforms, labels))
 
 
 def make_training_optimizer(
@@ -127,4 +252,4 @@ def make_training_optimizer(
         momentum = onecycle_momentum_schedule(
             config.epochs * steps_per_epoch, config.base_momentum, config.max_momentum, config.pct_start
         )
-    return make_optimizer(config, schedule, momentum), schedule
+    return make_optimizer(config, schedule, momentum, steps_per_epoch), schedule

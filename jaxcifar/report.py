@@ -50,7 +50,7 @@ class ReportOptions:
     at ``dpi``. Invalid values raise ConfigError naming the flag."""
 
     n: int = 10
-    layer: str = "layer3"
+    layer: str | None = None  # None: the model's own Grad-CAM layer (jaxcifar.models.gradcam_layer)
     split: str = "test"
     tta: str = "none"
     allow_small_layer: bool = False
@@ -199,7 +199,7 @@ def explain(
     data = getattr(dataset, options.split)
     if data is None:
         raise DataError(f"--split {options.split}: this run has no {options.split} split (it needs --val-fraction > 0)")
-    layer, dpi = options.layer, options.dpi
+    layer, dpi = options.layer or models.gradcam_layer(model), options.dpi
     try:
         image_shape = (1, *data.images.shape[1:])
         resolution = gradcam.check_layer(model, variables, image_shape, layer, options.allow_small_layer)
@@ -301,7 +301,10 @@ def build_parser() -> cli.ArgumentParser:
     )
     parser.add_argument("--n", type=int, default=10, help="How many misclassified images to show (default: 10).")
     parser.add_argument(
-        "--layer", default="layer3", help="Grad-CAM layer: layer1..layer4 (default: layer3, 8x8 on 32x32 inputs)."
+        "--layer",
+        default=None,
+        help="Grad-CAM layer (default: the model's own: layer3 of resnet18/34, 8x8 on 32x32 inputs; layer2 of "
+        "resnet9, 8x8; block2 of airbench, 7x7).",
     )
     parser.add_argument("--split", default="test", choices=SPLITS, help="Split to analyse (default: test).")
     parser.add_argument(

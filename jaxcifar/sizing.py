@@ -4,7 +4,8 @@ The estimate is deliberately rough (it is for refusing ``--eval-batch-size 20000
 ``--width 30000`` at once, not for tuning): the parameter count comes from ``jax.eval_shape`` of the
 model's ``init`` (no memory is allocated), the activations from the ResNet's shape (BasicBlock
 stages at 32x32, 16x16, 8x8, 4x4 with width x 1, 2, 4, 8 channels; about three tensors kept per
-convolution for the backward pass).
+convolution for the backward pass); for other models, every module output of a train-mode forward
+(``capture_intermediates`` under ``jax.eval_shape``).
 """
 
 from __future__ import annotations
@@ -32,10 +33,25 @@ def param_count(model: Any, image_shape: tuple[int, int, int] = (32, 32, 3)) -> 
 
 def train_activation_values(config: Config) -> int:
     """Returns about how many activation values one training image keeps for the backward pass."""
-    blocks = models.get_model(config.model).stage_sizes
+    blocks = getattr(models.get_model(config.model), "stage_sizes", None)
+    if blocks is None:
+        return module_output_values(models.get_model(config.model, width=config.width))
     # Stage i holds (32 / 2^i)^2 x width x 2^i = 1024 x width / 2^i values per feature map.
     convs = 1 + sum(2 * n / 2**i for i, n in enumerate(blocks))  # the stem, and two convs per block
     return int(TENSORS_PER_CONV * 1024 * config.width * convs)
+
+
+def module_output_values(model: Any, image_shape: tuple[int, int, int] = (32, 32, 3)) -> int:
+    """Returns how many values all module outputs of a train-mode forward of one image hold (``jax.eval_shape``)."""
+
+    def forward() -> Any:
+        x = jnp.zeros((1, *image_shape))
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        return model.apply(
+            variables, x, train=True, capture_intermediates=True, mutable=["intermediates", "batch_stats"]
+        )[1]["intermediates"]
+
+    return sum(int(x.size) for x in jax.tree.leaves(jax.eval_shape(forward)))
 
 
 def device_memory_bytes(device: Any) -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -24,6 +26,7 @@ class TrainState(train_state.TrainState):
     ``ema_params``/``ema_batch_stats`` hold the exponential moving average of the weights when EMA
     is enabled (``--ema-decay``), else None. ``dynamic_scale`` is flax's ``DynamicScale`` (the loss scale
     and its count of finite steps, float32/int32 scalars) of a float16 run (``--dtype float16``), else None.
+    ``lookahead`` holds the slow ``{"params", "batch_stats"}`` of Lookahead (``--lookahead-every``), else None.
     """
 
     batch_stats: Any
@@ -31,6 +34,7 @@ class TrainState(train_state.TrainState):
     ema_params: Any = None
     ema_batch_stats: Any = None
     dynamic_scale: DynamicScale | None = None
+    lookahead: Any = None
 
     def variables(self, ema: bool = False) -> dict[str, Any]:
         """Returns ``{"params", "batch_stats"}`` for ``apply``: the EMA weights when ``ema``."""
@@ -74,13 +78,18 @@ def create_train_state(
     seed: int,
     ema: bool = False,
     dynamic_scale: DynamicScale | Literal["auto"] | None = "auto",
+    lookahead: bool = False,
+    init_params: Callable[[Any], Any] | None = None,
 ) -> TrainState:
     """Returns a fresh TrainState: params from ``seed``, optimizer state of ``tx``, step 0.
 
     With ``ema`` the EMA weights start as a copy of the initial weights. ``dynamic_scale`` is the
     state's loss scale: ``"auto"`` gives ``default_dynamic_scale(model.dtype)`` (a scale for a float16
     model, None otherwise), None gives none, and a ``DynamicScale`` is used as given (its ``scale`` and
-    ``fin_steps`` should be arrays; see ``default_dynamic_scale``).
+    ``fin_steps`` should be arrays; see ``default_dynamic_scale``). With ``lookahead`` the slow weights of
+    Lookahead start as a copy of the initial weights. ``init_params`` maps the random initial params to the
+    ones training starts from (e.g. ``jaxcifar.models.initial_params`` on the training images) before the
+    optimizer state and the copies are made.
     """
     if isinstance(dynamic_scale, str):
         if dynamic_scale != "auto":
@@ -89,6 +98,9 @@ def create_train_state(
     root = jax.random.PRNGKey(seed)
     init_key, run_key = jax.random.split(root)
     variables = init_variables(model, init_key)
+    if init_params is not None:
+        variables["params"] = init_params(variables["params"])
+    copy = functools.partial(jax.tree.map, jnp.copy)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -98,6 +110,7 @@ def create_train_state(
         ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema else None,
         ema_batch_stats=jax.tree.map(jnp.copy, variables["batch_stats"]) if ema else None,
         dynamic_scale=dynamic_scale,
+        lookahead=copy({"params": variables["params"], "batch_stats": variables["batch_stats"]}) if lookahead else None,
     )
 
 
@@ -116,6 +129,8 @@ def checkpoint_items(state: TrainState) -> dict[str, Any]:
         items["ema_batch_stats"] = state.ema_batch_stats
     if state.dynamic_scale is not None:
         items["dynamic_scale"] = state.dynamic_scale
+    if state.lookahead is not None:
+        items["lookahead"] = state.lookahead
     return items
 
 

@@ -14,7 +14,7 @@ pass and the float32 gradients divided by it; a step whose gradients are not all
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,8 @@ from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
 from jaxcifar.state import TrainState
 
 Metrics = dict[str, jax.Array]
+
+_FLIP_COINS = 0xF11B  # folded into the run's key: the alternating flip's per-image coins
 
 # Optimizer states that hold a schedule's position: they advance on a skipped step (see skip_unless_finite).
 _SCHEDULE_STATES = (optax.ScaleByScheduleState,)
@@ -54,6 +56,33 @@ def skip_unless_finite(new: Any, old: Any, finite: jax.Array) -> Any:
     return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES + _INJECTED_STATES))
 
 
+class Lookahead(NamedTuple):
+    """airbench's Lookahead: every ``every`` steps the slow weights move to ``d * slow + (1 - d) * current``
+    with ``d = decay * (step / total_steps)^3`` and the current weights are reset to them; at step
+    ``total_steps`` the current weights become the slow ones. ``every`` 0 = off."""
+
+    every: int = 0
+    decay: float = 0.95**5
+    total_steps: int = 1
+
+
+NO_LOOKAHEAD = Lookahead()
+
+
+def lookahead_update(state: TrainState, spec: Lookahead) -> TrainState:
+    """Returns ``state`` after ``spec``'s Lookahead step at ``state.step`` (the steps done so far), for params
+    and BatchNorm statistics alike (``state.lookahead`` holds the slow ones). No conditional: ``jnp.where``."""
+    step = jnp.asarray(state.step)
+    sync = step % spec.every == 0
+    decay = spec.decay * (step.astype(jnp.float32) / spec.total_steps) ** 3
+    current = {"params": state.params, "batch_stats": state.batch_stats}
+    moved = optax.incremental_update(current, state.lookahead, 1.0 - decay)
+    slow = jax.tree.map(lambda m, s: jnp.where(sync, m, s), moved, state.lookahead)
+    reset = jnp.logical_or(sync, step >= spec.total_steps)
+    current = jax.tree.map(lambda s, c: jnp.where(reset, s, c), slow, current)
+    return state.replace(params=current["params"], batch_stats=current["batch_stats"], lookahead=slow)
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -65,12 +94,19 @@ def train_step(
     label_smoothing: float = 0.0,
     mix: MixSpec = NO_MIX,
     ema_decay: float | None = None,
+    crop_padding: int = 4,
+    pad_mode: str = "zeros",
+    flip_epoch_steps: int = 0,
+    lookahead: Lookahead = NO_LOOKAHEAD,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step: augment (+ MixUp/CutMix) + normalize on the device, train-mode forward, update.
 
     Returns the new state and ``{"loss_sum", "correct", "count", "skipped"}`` (float32 scalars) of the
     batch; under mixing, ``correct`` counts agreement with each image's dominant label. With ``ema_decay``
-    the state's EMA weights are updated after the step.
+    the state's EMA weights are updated after the step. The crop pads by ``crop_padding`` pixels filled as
+    ``pad_mode``. ``flip_epoch_steps`` > 0 (the steps per epoch) turns on the alternating flip
+    (``transforms.alternating_flip`` of ``batch["index"]`` at epoch ``step // flip_epoch_steps``);
+    ``lookahead.every`` > 0 applies ``lookahead_update`` after the step (the state keeps ``lookahead``).
 
     With ``state.dynamic_scale`` (float16) the gradients come from ``DynamicScale.value_and_grad`` (loss
     multiplied by the scale, float32 gradients divided by it). When they are not all finite the step is
@@ -82,7 +118,11 @@ def train_step(
     ``skipped`` is 0 without a dynamic scale.
     """
     step_key = jax.random.fold_in(state.rng, state.step)
-    images = transforms.augment(step_key, batch["image"], augment, cutout_size)
+    flip = None
+    if flip_epoch_steps:
+        coin_key = jax.random.fold_in(state.rng, _FLIP_COINS)
+        flip = transforms.alternating_flip(coin_key, batch["index"], state.step // flip_epoch_steps)
+    images = transforms.augment(step_key, batch["image"], augment, cutout_size, crop_padding, pad_mode, flip)
     images = transforms.normalize(images, mean, std)
     labels = batch["label"]
     images, lam = mix_batch(jax.random.fold_in(step_key, 1), images, state.step, mix)
@@ -119,6 +159,8 @@ def train_step(
             ema_batch_stats=skip_unless_finite(new_state.ema_batch_stats, state.ema_batch_stats, finite),
             dynamic_scale=dynamic_scale,
         )
+    if lookahead.every:
+        new_state = lookahead_update(new_state, lookahead)
     count = jnp.float32(labels.shape[0])
     metrics = {
         "loss_sum": loss * count,
@@ -168,8 +210,7 @@ def eval_step(
     logits = apply_in_chunks(
         lambda x: state.apply_fn(variables, x, train=False), views.reshape(v * b, *views.shape[2:]), chunk
     )
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32).reshape(v, b, -1), axis=-1)
-    log_probs = jax.nn.logsumexp(log_probs, axis=0) - jnp.log(v)  # log of the mean probability
+    log_probs = transforms.tta_log_probs(logits.reshape(v, b, -1), tta)
     mask = batch["mask"].astype(jnp.float32)
     losses = -jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1)[:, 0]
     correct = (jnp.argmax(log_probs, -1) == batch["label"]).astype(jnp.float32)
@@ -186,6 +227,10 @@ def make_train_step(
     mix: MixSpec = NO_MIX,
     ema_decay: float | None = None,
     xla_options: dict[str, str] | None = None,
+    crop_padding: int = 4,
+    pad_mode: str = "zeros",
+    flip_epoch_steps: int = 0,
+    lookahead: Lookahead = NO_LOOKAHEAD,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns ``train_step`` jitted with these static settings, donating the state.
 
@@ -204,6 +249,10 @@ def make_train_step(
             label_smoothing=label_smoothing,
             mix=mix,
             ema_decay=ema_decay,
+            crop_padding=crop_padding,
+            pad_mode=pad_mode,
+            flip_epoch_steps=flip_epoch_steps,
+            lookahead=lookahead,
         )
 
     options = backend.compiler_options() if xla_options is None else xla_options

@@ -1,4 +1,13 @@
-"""Model zoo: ``get_model(name, **kwargs)`` builds a Flax Linen module by name."""
+"""Model zoo: ``get_model(name, **kwargs)`` builds a Flax Linen module by name.
+
+A model is a Linen module (one file in ``models/``) with the fields ``num_classes``, ``width``, ``dtype`` and
+``conv_general_dilated``, called as ``apply(variables, images, train)``; it sows and perturbs its stage
+outputs by name and names its Grad-CAM layer (at least 5x5 on 32x32 inputs) in the class variable
+``gradcam_layer``. A model whose initial weights depend on the training data (airbench's whitening
+filters) has a static ``params_from_data(params, images, mean, std) -> params``, which the run calls
+on its training images right after the random init (``initial_params``). Registering it is one line in
+``_REGISTRY``.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxcifar.models.airbench import AirbenchNet
 from jaxcifar.models.resnet import STAGE_NAMES, BasicBlock, ResNet, ResNet18, ResNet34
+from jaxcifar.models.resnet9 import ResNet9
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "resnet34": ResNet34,
+    "resnet9": ResNet9,
+    "airbench": AirbenchNet,
 }
 
 
@@ -38,13 +51,30 @@ def get_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[key](**kwargs)
 
 
+def gradcam_layer(model: nn.Module) -> str:
+    """Returns the name of ``model``'s default Grad-CAM layer (its ``gradcam_layer``; ``layer3`` for others)."""
+    return getattr(model, "gradcam_layer", "layer3")
+
+
+def initial_params(model: nn.Module, params: Any, images: Any, mean: Any, std: Any) -> Any:
+    """Returns ``params`` with the data-dependent part of ``model``'s init computed from ``images`` (uint8
+    (N, H, W, 3) training images, normalized with ``mean``/``std``): ``model.params_from_data`` where the
+    model has one, else ``params`` unchanged."""
+    from_data = getattr(type(model), "params_from_data", None)
+    return params if from_data is None else from_data(params, images, mean, std)
+
+
 __all__ = [
     "COMPUTE_DTYPES",
     "STAGE_NAMES",
+    "AirbenchNet",
     "BasicBlock",
     "ResNet",
+    "ResNet9",
     "ResNet18",
     "ResNet34",
     "available_models",
     "get_model",
+    "gradcam_layer",
+    "initial_params",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -90,6 +90,8 @@ class ResNet(nn.Module):
     conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
+
+    gradcam_layer: ClassVar[str] = "layer3"  # 8x8 on 32x32 inputs (layer4 is 4x4)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

@@ -43,9 +43,9 @@ def test_stage_outputs_are_reachable_with_expected_shapes(name):
 
 
 def test_unknown_model_lists_known_names():
-    with pytest.raises(ValueError, match="resnet18, resnet34"):
+    with pytest.raises(ValueError, match="airbench, resnet18, resnet34, resnet9"):
         models.get_model("resnet50")
-    assert models.available_models() == ("resnet18", "resnet34")
+    assert models.available_models() == ("airbench", "resnet18", "resnet34", "resnet9")
 
 
 def test_perturbations_expose_stage_gradients_without_changing_forward():

@@ -123,6 +123,6 @@ def test_augment_refuses_an_unknown_mode_naming_the_known_ones(images):
 def test_tta_view_count_is_what_tta_views_stacks(images):
     for mode in transforms.TTA_MODES:  # the view count that sizing.py budgets is the one tta_views stacks
         assert transforms.tta_view_count(mode) == transforms.tta_views(images, mode).shape[0]
-    assert [transforms.tta_view_count(mode) for mode in transforms.TTA_MODES] == [1, 2, 6]
+    assert [transforms.tta_view_count(mode) for mode in transforms.TTA_MODES] == [1, 2, 6, 6]
     with pytest.raises(ValueError, match="unknown TTA mode 'rotate'; one of none, flip, flip-translate"):
         transforms.tta_view_count("rotate")
