@@ -32,7 +32,7 @@ FENCE = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOT
 # persistent compilation cache then serves to every block that trains.
 TINY = dict(width=8, epochs=1, train_subset=400, test_subset=200, batch_size=50, lr=0.05)
 NO_RUN = "no-run"
-COMMANDS = ("train", "lr_find", "report", "bench")
+COMMANDS = ("train", "lr_find", "report", "bench", "race")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ SECTIONS = (  # (module, the guide that explains it)
     ("jaxcifar.lr_find", "training.md"),
     ("jaxcifar.report", "explain.md"),
     ("jaxcifar.bench", "performance.md"),
+    ("jaxcifar.race", "fast.md"),
 )
 
 
