@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxcifar import backend, optim, parallel, sizing, steps
+from jaxcifar import backend, optim, parallel, sizing, steps, testhooks
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
 from jaxcifar.config import Config
@@ -177,6 +177,7 @@ def fit(
     echo(parallel.describe(mesh), shown)
     with timing.phase("data"):
         dataset = checked_dataset(config, dataset, restored)
+    testhooks.pause("after-data")
     tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
     if restored is None:
         with timing.phase("init"):

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxcifar import parallel
+from jaxcifar import parallel, testhooks
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.loop import check_resume, echo, fit
@@ -70,6 +70,7 @@ def run(
     is_main = jax.process_index() == 0
     if config.report and not finished:
         with timing.phase("report"), tempfile.TemporaryDirectory() as elsewhere:
+            testhooks.pause("report")
             # Every process makes it (orbax reads a checkpoint collectively); others write it to a temporary folder.
             out = None if is_main else elsewhere
             report = make_report(
