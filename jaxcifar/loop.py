@@ -41,7 +41,7 @@ from jaxcifar.network import build_model
 from jaxcifar.sources import default_cache_dir
 from jaxcifar.state import TrainState, create_train_state, param_count
 from jaxcifar.timing import Timing
-from jaxcifar.workdir import holding, saved_epochs
+from jaxcifar.workdir import claim_workdir, holding, saved_epochs
 from jaxcifar.writers import MetricWriter
 
 # tqdm disables itself with disable=None when its stream is no terminal (CI logs); notebook
@@ -165,6 +165,8 @@ def _fit(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, 
     """``fit`` once the workdir's lock is held."""
     shown, verbose = verbose, verbose and parallel.is_main_process()  # other processes print their devices line
     config, meta = check_resume(config, workdir, verbose)
+    if meta is None or int(meta["epoch"]) < config.epochs:
+        claim_workdir(workdir)  # decided: this command trains in the workdir (a refused one names its pid)
     if config.compile_cache:
         backend.enable_compile_cache(default_cache_dir() / "xla")
     optim.peak_lr(config)  # a number: --lr auto is resolved by jaxcifar.run before fit
@@ -172,15 +174,11 @@ def _fit(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, 
         mesh, model = mesh_and_model(config)
         restored = restore(config, model, meta, mesh, workdir) if meta is not None else None
     if restored is not None and len(restored.history) >= config.epochs:
-        done = f"already finished: {len(restored.history)}/{config.epochs} epochs in {workdir}"
-        if config.report:  # jaxcifar.run writes the report next, unless it is written
-            echo(f"{done}; nothing to train (a longer run is a new run in another --workdir)", verbose)
-        else:
-            echo(
-                f"{done}; nothing to do (a longer run is a new run in another --workdir; python -m jaxcifar.report "
-                f"--workdir {workdir} writes the report)",
-                verbose,
-            )
+        echo(
+            f"already finished: {len(restored.history)}/{config.epochs} epochs in {workdir}; nothing to do (a longer "
+            f"run is a new run in another --workdir; python -m jaxcifar.report --workdir {workdir} writes the report)",
+            verbose,
+        )
         return FitResult(restored.state, restored.history)
     echo(parallel.describe(mesh), shown)
     with timing.phase("data"):
@@ -198,6 +196,7 @@ def _fit(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, 
     is_main = jax.process_index() == 0  # only one host writes files (orbax: each its part of a checkpoint)
     if is_main:
         ensure_dir(workdir, "--workdir")
+        claim_workdir(workdir)
     if is_main and restored is None:
         config.save(workdir / "config.json")
     run = set_up(config, dataset, state, history, schedule, mesh, workdir, is_main, verbose, timing)

@@ -19,7 +19,7 @@ from jaxcifar.plots import figure_to_array
 from jaxcifar.report import Report, ReportOptions, make_report
 from jaxcifar.state import TrainState
 from jaxcifar.timing import Timing
-from jaxcifar.workdir import holding, report_written
+from jaxcifar.workdir import claim_workdir, holding, report_written
 from jaxcifar.writers import TensorBoardWriter
 
 
@@ -67,6 +67,8 @@ def _run(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, 
     finished = meta is not None and int(meta["epoch"]) >= config.epochs
     # A finished run resumed with --report: the report is what is left when a previous command did not write it.
     report_due = config.report and not (finished and report_written(workdir))
+    if not finished or report_due:
+        claim_workdir(workdir)  # decided: this command writes the workdir (a refused one names its pid)
     found = None
     if config.lr == "auto":
         with timing.phase("data"):
@@ -80,8 +82,6 @@ def _run(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, 
     result = fit(config, dataset, verbose=verbose, timing=timing)
     report = None
     is_main = jax.process_index() == 0
-    if config.report and not report_due:
-        echo(f"report: already written (report.json in {workdir})", main)
     if report_due:
         with timing.phase("report"), tempfile.TemporaryDirectory() as elsewhere:
             testhooks.pause("report")

@@ -47,15 +47,15 @@ def in_use_message(workdir: Path, owner: str) -> str:
             alive = True
         except (OSError, OverflowError):
             alive = False
-    who = f"pid {owner}" if alive else "a report reading it, or a process on another machine"
-    return f"--workdir {workdir} is in use by another command ({who}); wait for it to end or choose another --workdir"
+    who = f"another run (pid {owner})" if alive else "another command (a report reading it, or a process elsewhere)"
+    return f"--workdir {workdir} is in use by {who}; wait for it to end or choose another --workdir"
 
 
 @dataclasses.dataclass
 class _Hold:
     """This process's hold on one workdir's lock: the open lock file, its mode, how many ``acquire``s it
-    answers (``WorkdirLock`` is re-entrant in its thread) and what ``acquire`` created (removed again when
-    the workdir holds nothing else at the end)."""
+    answers (``WorkdirLock`` is re-entrant in its thread), what ``acquire`` created (removed again at the
+    end unless the command claimed the workdir) and whether it did."""
 
     fd: int
     shared: bool
@@ -63,6 +63,7 @@ class _Hold:
     pid: int
     count: int = 1
     created: list[Path] = dataclasses.field(default_factory=list)
+    claimed: bool = False  # this process's pid is in the lock file: the command writes the workdir
 
 
 _holds: dict[str, _Hold] = {}  # realpath of a workdir -> this process's hold on it
@@ -83,10 +84,11 @@ class WorkdirLock:
         self.shared = shared
         self._hold: _Hold | None = None
 
-    def acquire(self) -> None:
-        """Takes the lock. An exclusive one also creates the workdir (and parents) when needed and writes this
-        process's pid into ``WORKDIR/.lock``; a shared one changes nothing on disk (and locks nothing where no
-        run ever made a ``.lock``). Raises CheckpointError when another process, or another thread of this
+    def acquire(self, claim: bool = True) -> None:
+        """Takes the lock. An exclusive one also creates the workdir (and parents) when needed and, with
+        ``claim``, writes this process's pid into ``WORKDIR/.lock`` (else ``claim_workdir`` does, once the
+        command knows it will write the workdir); a shared one changes nothing on disk (and locks nothing where
+        no run ever made a ``.lock``). Raises CheckpointError when another process, or another thread of this
         one, holds the lock in a mode that excludes this one, or when the workdir cannot be made."""
         check_workdir(self.workdir)
         key = os.path.realpath(self.workdir)
@@ -97,10 +99,12 @@ class WorkdirLock:
                     raise CheckpointError(f"--workdir {self.workdir} is held for reading only by this command")
                 hold.count += 1
                 self._hold = hold
-                return
-            self._hold = self._take()
-            if self._hold is not None:
-                _holds[key] = self._hold
+            else:
+                self._hold = self._take()
+                if self._hold is not None:
+                    _holds[key] = self._hold
+        if claim and not self.shared:
+            claim_workdir(self.workdir)
 
     def _take(self) -> _Hold | None:
         created = [] if self.shared else _make_dirs(self.workdir)
@@ -134,16 +138,13 @@ class WorkdirLock:
             if not same:  # a command that ended removed the lock file it had made: take the new one
                 os.close(fd)
                 continue
-            if not self.shared:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return _Hold(fd, self.shared, threading.get_ident(), os.getpid(), created=created)
         raise CheckpointError(f"cannot take the lock {self.path}: its file keeps being replaced")
 
     def release(self) -> None:
-        """Releases the lock (at the outermost ``release`` of a re-entrant hold). The lock file stays, unless
-        this command created it and the workdir holds nothing else: then it and the folders ``acquire`` made
-        are removed, so that a command that ended before writing anything leaves no trace."""
+        """Releases the lock (at the outermost ``release`` of a re-entrant hold). A command that never claimed
+        the workdir (it refused, or found nothing to do) leaves no trace: the lock file and the folders
+        ``acquire`` created are removed again (the folders when empty)."""
         hold, self._hold = self._hold, None
         if hold is None:
             return
@@ -152,9 +153,10 @@ class WorkdirLock:
             if hold.count > 0:
                 return
             _holds.pop(os.path.realpath(self.workdir), None)
-        with contextlib.suppress(OSError):
-            if self.path in hold.created and os.listdir(self.workdir) == [LOCK_NAME]:
-                os.unlink(self.path)  # while locked: a process that opened it meanwhile sees it replaced (_take)
+        if not hold.claimed:
+            with contextlib.suppress(OSError):
+                if self.path in hold.created:
+                    os.unlink(self.path)  # while locked: a process that opened it meanwhile sees it replaced (_take)
                 for folder in reversed([p for p in hold.created if p != self.path]):
                     os.rmdir(folder)
         with contextlib.suppress(OSError):
@@ -168,6 +170,24 @@ class WorkdirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def claim_workdir(workdir: str | Path) -> None:
+    """Writes this process's pid into the lock file of ``workdir``, whose exclusive lock this thread holds: from
+    now on the command writes the workdir, and a refused command names this pid. Nothing when this thread does
+    not hold it (the other processes of a multi-process run: process 0 holds it)."""
+    with _holds_guard:
+        hold = _holds.get(os.path.realpath(workdir))
+        mine = hold is not None and hold.pid == os.getpid() and hold.thread == threading.get_ident()
+        if not mine or hold.shared or hold.claimed:
+            return
+        try:
+            os.ftruncate(hold.fd, 0)
+            os.pwrite(hold.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            path = Path(workdir) / LOCK_NAME
+            raise CheckpointError(f"cannot write the lock file {path}: {e.strerror or e}") from None
+        hold.claimed = True
 
 
 def _make_dirs(folder: Path) -> list[Path]:
@@ -197,7 +217,8 @@ def holding(workdir: str | Path) -> Iterator[Path]:
     Taken before anything is read from or decided about the workdir (fresh run or resume). In a
     multi-process run process 0 takes it (it writes the run's files) and every process goes on only once
     it has it (one collective); a refusal ends every process with a CheckpointError. Re-entrant as
-    ``WorkdirLock``."""
+    ``WorkdirLock``. The command calls ``claim_workdir`` once it has decided to write the workdir; until then
+    the lock leaves no trace on disk."""
     from jaxcifar import parallel  # imports jax; this module is also read at an interrupt, so not at the top
 
     path = check_workdir(workdir)
@@ -205,7 +226,7 @@ def holding(workdir: str | Path) -> Iterator[Path]:
     refusal = None
     if lock is not None:
         try:
-            lock.acquire()
+            lock.acquire(claim=False)
         except CheckpointError as e:
             refusal = e
     if not parallel.every_process(refusal is None):

@@ -208,8 +208,7 @@ def test_report_interrupted_during_train_report_is_written_by_resume(tmp_path, c
     again = CommandLaunch([*argv, "--resume"], workdir, chaos_env)
     assert again.wait(timeout=300) == 0, again.err
     assert any("already finished" in line for line in again.out), again.out
-    again_files = {k: v for k, v in tree_digest(workdir).items() if k != ".lock"}  # .lock: the last holder's pid
-    assert again_files == {k: v for k, v in written.items() if k != ".lock"}, "a second --resume rewrote files"
+    assert tree_digest(workdir) == written, "a second --resume changed the finished run's files"
 
 
 def test_pause_hook_is_inert_without_its_variable(tmp_path, monkeypatch):
@@ -335,7 +334,7 @@ def test_a_shared_lock_changes_nothing_and_yields_to_a_run(tmp_path, holder):
         pass
     assert not (tmp_path / "nothing").exists()
     workdir, process = holder
-    with pytest.raises(CheckpointError, match=rf"in use by another command \(pid {process.pid}\)"):
+    with pytest.raises(CheckpointError, match=rf"in use by another run \(pid {process.pid}\)"):
         WorkdirLock(workdir, shared=True).acquire()
 
 
@@ -354,7 +353,7 @@ def test_lr_find_and_report_refuse_a_held_workdir(holder, capfd):
             main(argv)
         line = one_error_line(capfd.readouterr().err, prog)
         assert ended.value.code == 1, line
-        assert f"{workdir} is in use by another command (pid {process.pid})" in line, line
+        assert f"{workdir} is in use by another run (pid {process.pid})" in line, line
         assert tree_digest(workdir) == before, f"{prog} wrote into a held workdir"
 
 
@@ -370,17 +369,41 @@ def test_a_finished_run_resumed_with_report_writes_the_missing_report(synthetic_
     workdir = tmp_path / "run"
     shutil.copytree(config.workdir, workdir)
     epochs = SYNTHETIC_RUN["epochs"]
-    assert "report not written" in describe_saved(workdir, epochs=epochs, report=True)
-    assert "report" not in describe_saved(workdir, epochs=epochs, report=False).replace(str(workdir), "")
     argv = [*SYNTHETIC_RUN_ARGS, "--workdir", str(workdir), "--resume", "--report"]
+    said = describe_saved(workdir, epochs=epochs, report=True)  # what Ctrl-C during the report would say
     capfd.readouterr()
     assert main(argv) == 0
     out = capfd.readouterr().out
     missing = [name for name in REPORT_FILES if not (workdir / name).is_file()]
     assert not missing, f"not written: {missing}\n{out}"
     assert "already finished" in out and "report: test accuracy" in out, out
+    assert "report not written" in said and "--resume" in said, said
+    assert "report" not in describe_saved(workdir, epochs=epochs, report=False).replace(str(workdir), "")
     assert "report not written" not in describe_saved(workdir, epochs=epochs, report=True)
-    written = {k: v for k, v in tree_digest(workdir).items() if k != ".lock"}
+    written = tree_digest(workdir)
     assert main(argv) == 0
-    assert "report: already written" in capfd.readouterr().out
-    assert {k: v for k, v in tree_digest(workdir).items() if k != ".lock"} == written
+    out = capfd.readouterr().out
+    assert len(out.splitlines()) == 1 and "already finished" in out, out
+    assert tree_digest(workdir) == written, "a second --resume changed the finished run's files"
+
+
+@pytest.mark.parametrize("extra", [[], ["--resume", "--seed", "1"], ["--resume"]], ids=["fresh", "changed", "finished"])
+def test_a_command_that_writes_nothing_leaves_the_lock_file_alone(synthetic_run, tmp_path, capfd, extra):
+    """Refused (a run is there without --resume; a changed field) or with nothing to do (finished): the lock
+    was taken and released, and no byte, not even the pid in ``.lock``, changed."""
+    from jaxcifar.train import main
+    from tests.test_user_errors import SYNTHETIC_RUN_ARGS
+
+    config, _ = synthetic_run
+    workdir = tmp_path / "run"
+    shutil.copytree(config.workdir, workdir)
+    (workdir / ".lock").write_text("4194305\n")  # a pid no live process has (above Linux's pid_max)
+    before = tree_digest(workdir)
+    capfd.readouterr()
+    try:
+        main([*SYNTHETIC_RUN_ARGS, "--workdir", str(workdir), *extra])
+    except SystemExit as e:
+        assert e.code in (1, 2), e.code
+    assert "Traceback" not in capfd.readouterr().err
+    assert tree_digest(workdir) == before
+    assert lock_state(workdir) == "free"
