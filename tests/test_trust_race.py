@@ -366,19 +366,20 @@ def test_a_finished_run_resumed_with_report_writes_the_missing_report(synthetic_
     from tests.test_user_errors import SYNTHETIC_RUN_ARGS
 
     config, _ = synthetic_run
-    workdir = tmp_path / "run"
+    workdir, untouched = tmp_path / "run", tmp_path / "untouched"
     shutil.copytree(config.workdir, workdir)
+    shutil.copytree(config.workdir, untouched)
     epochs = SYNTHETIC_RUN["epochs"]
     argv = [*SYNTHETIC_RUN_ARGS, "--workdir", str(workdir), "--resume", "--report"]
-    said = describe_saved(workdir, epochs=epochs, report=True)  # what Ctrl-C during the report would say
     capfd.readouterr()
     assert main(argv) == 0
     out = capfd.readouterr().out
     missing = [name for name in REPORT_FILES if not (workdir / name).is_file()]
     assert not missing, f"not written: {missing}\n{out}"
     assert "already finished" in out and "report: test accuracy" in out, out
+    said = describe_saved(untouched, epochs=epochs, report=True)  # what Ctrl-C during the report says
     assert "report not written" in said and "--resume" in said, said
-    assert "report" not in describe_saved(workdir, epochs=epochs, report=False).replace(str(workdir), "")
+    assert "report" not in describe_saved(untouched, epochs=epochs, report=False).replace(str(untouched), "")
     assert "report not written" not in describe_saved(workdir, epochs=epochs, report=True)
     written = tree_digest(workdir)
     assert main(argv) == 0
