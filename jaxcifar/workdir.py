@@ -143,8 +143,9 @@ class WorkdirLock:
 
     def release(self) -> None:
         """Releases the lock (at the outermost ``release`` of a re-entrant hold). A command that never claimed
-        the workdir (it refused, or found nothing to do) leaves no trace: the lock file and the folders
-        ``acquire`` created are removed again (the folders when empty)."""
+        the workdir (it refused, or found nothing to do), or that made it and wrote nothing into it (it failed
+        first), leaves no trace: the lock file and the folders ``acquire`` created are removed again (the
+        folders when empty)."""
         hold, self._hold = self._hold, None
         if hold is None:
             return
@@ -153,7 +154,7 @@ class WorkdirLock:
             if hold.count > 0:
                 return
             _holds.pop(os.path.realpath(self.workdir), None)
-        if not hold.claimed:
+        if not hold.claimed or (self.path in hold.created and os.listdir(self.workdir) == [LOCK_NAME]):
             with contextlib.suppress(OSError):
                 if self.path in hold.created:
                     os.unlink(self.path)  # while locked: a process that opened it meanwhile sees it replaced (_take)
