@@ -13,7 +13,6 @@ test (``--lr auto``) and the report come around it, in ``jaxcifar.run``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -29,7 +28,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxcifar import backend, optim, parallel, sizing, steps
+from jaxcifar import backend, optim, parallel, sizing, steps, testhooks
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
 from jaxcifar.config import Config
@@ -42,7 +41,7 @@ from jaxcifar.network import build_model, data_init
 from jaxcifar.sources import default_cache_dir
 from jaxcifar.state import TrainState, create_train_state, param_count
 from jaxcifar.timing import Timing
-from jaxcifar.workdir import WorkdirLock, check_not_in_use, check_workdir, saved_epochs
+from jaxcifar.workdir import claim_workdir, holding, saved_epochs
 from jaxcifar.writers import MetricWriter
 
 # tqdm disables itself with disable=None when its stream is no terminal (CI logs); notebook
@@ -101,11 +100,10 @@ def echo(message: str, verbose: bool) -> None:
 def check_resume(config: Config, workdir: Path, verbose: bool = True) -> tuple[Config, dict[str, Any] | None]:
     """Returns (the config to run, the newest checkpoint's metadata, or None for a fresh run).
 
-    Raises CheckpointError when the workdir holds a run and ``--resume`` is not given, or a live run
-    holds it; ConfigError when the saved run differs in a field that changes training
-    (``checkpoint.resume_config``)."""
-    if parallel.is_main_process():  # process 0 holds the lock of a multi-process run
-        check_not_in_use(workdir)
+    Raises CheckpointError when the workdir holds a run and ``--resume`` is not given; ConfigError when
+    the saved run differs in a field that changes training (``checkpoint.resume_config``). Call it
+    holding the workdir's lock (``workdir.holding``): the answer holds only while no other run can write
+    the workdir."""
     if not has_checkpoint(workdir):
         if config.resume:
             echo(f"resume: no checkpoint in {workdir}, starting from scratch", verbose)
@@ -149,7 +147,8 @@ def fit(
     """Trains ``config.model`` as configured and returns ``FitResult(state, history)``.
 
     Writes ``config.json``, ``history.json``, checkpoints and TensorBoard events to
-    ``config.workdir``, holding its lock (``workdir.WorkdirLock``) while it runs. With
+    ``config.workdir``, holding its lock (``workdir.holding``) from before it reads the workdir until it
+    ends (already held when ``jaxcifar.run`` calls it). With
     ``config.resume`` it continues from the newest intact checkpoint (same result as an
     uninterrupted run); every field that changes training must equal the saved config, and a
     finished run is returned as it is. ``dataset`` overrides loading from ``config``'s source.
@@ -161,9 +160,16 @@ def fit(
     timing = timing or Timing()
     if config.distributed:  # first: what follows may be collective, and every process must run this config
         parallel.initialize_distributed(config)
+    with holding(config.workdir) as workdir:  # before anything is read from the workdir or decided about it
+        return _fit(config, workdir, dataset, verbose, timing)
+
+
+def _fit(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, timing: Timing) -> FitResult:
+    """``fit`` once the workdir's lock is held."""
     shown, verbose = verbose, verbose and parallel.is_main_process()  # other processes print their devices line
-    workdir = check_workdir(config.workdir)
     config, meta = check_resume(config, workdir, verbose)
+    if meta is None or int(meta["epoch"]) < config.epochs:
+        claim_workdir(workdir)  # decided: this command trains in the workdir (a refused one names its pid)
     if config.compile_cache:
         backend.enable_compile_cache(default_cache_dir() / "xla")
     optim.peak_lr(config)  # a number: --lr auto is resolved by jaxcifar.run before fit
@@ -180,6 +186,7 @@ def fit(
     echo(parallel.describe(mesh), shown)
     with timing.phase("data"):
         dataset = checked_dataset(config, dataset, restored)
+    testhooks.pause("after-data")
     tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
     if restored is None:
         with timing.phase("init"):
@@ -199,27 +206,27 @@ def fit(
     is_main = jax.process_index() == 0  # only one host writes files (orbax: each its part of a checkpoint)
     if is_main:
         ensure_dir(workdir, "--workdir")
-    with WorkdirLock(workdir) if is_main else contextlib.nullcontext():
-        if is_main and restored is None:
-            config.save(workdir / "config.json")
-        run = set_up(config, dataset, state, history, schedule, mesh, workdir, is_main, verbose, timing)
-        if is_main and restored is not None:
-            run.checkpointer.unreadable = list(restored.unreadable)
-            run.checkpointer.set_aside_unreadable()
+        claim_workdir(workdir)
+    if is_main and restored is None:
+        config.save(workdir / "config.json")
+    run = set_up(config, dataset, state, history, schedule, mesh, workdir, is_main, verbose, timing)
+    if is_main and restored is not None:
+        run.checkpointer.unreadable = list(restored.unreadable)
+        run.checkpointer.set_aside_unreadable()
+    try:
+        for epoch in range(len(history) + 1, config.epochs + 1):
+            state, record = train_epoch(run, state, epoch)
+            record.update(evaluate_epoch(run, state))
+            timing.add("train", record["train_seconds"])
+            timing.add("eval", record["eval_seconds"])
+            best = select_and_save(run, state, record, best)
+    finally:
         try:
-            for epoch in range(len(history) + 1, config.epochs + 1):
-                state, record = train_epoch(run, state, epoch)
-                record.update(evaluate_epoch(run, state))
-                timing.add("train", record["train_seconds"])
-                timing.add("eval", record["eval_seconds"])
-                best = select_and_save(run, state, record, best)
+            with timing.phase("checkpoint"):
+                run.checkpointer.close()  # the last save is committed:
+            run.writer.write_history()  # history.json lists it
         finally:
-            try:
-                with timing.phase("checkpoint"):
-                    run.checkpointer.close()  # the last save is committed:
-                run.writer.write_history()  # history.json lists it
-            finally:
-                run.writer.close()
+            run.writer.close()
     return FitResult(state, run.writer.history)
 
 

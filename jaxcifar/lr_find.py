@@ -17,6 +17,7 @@ from jaxcifar import interrupts
 if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends in one line from the start
     interrupts.install("python -m jaxcifar.lr_find")
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from jaxcifar.network import build_model, data_init
 from jaxcifar.plots import plot_lr_find
 from jaxcifar.sources import default_cache_dir
 from jaxcifar.state import create_train_state
-from jaxcifar.workdir import check_workdir
+from jaxcifar.workdir import WorkdirLock, check_workdir
 
 SMOOTHING = 0.98
 DIVERGENCE = 4.0
@@ -138,8 +139,14 @@ def lr_find(
     config: Config, dataset: Dataset | None = None, *, out_dir: str | Path | None = None, verbose: bool = True
 ) -> LRFindResult:
     """Runs the range test for ``config`` (its ``lr`` is not used) and returns the result; with ``out_dir``
-    also writes ``lr_find.json`` and ``lr_find.png`` there. Raises ConfigError before any work when the
-    batch does not fit the devices (``sizing.check_fits``)."""
+    also writes ``lr_find.json`` and ``lr_find.png`` there, holding its lock (``workdir.WorkdirLock``; taken
+    again when ``jaxcifar.run`` holds it). Raises ConfigError before any work when the batch does not fit the
+    devices (``sizing.check_fits``), CheckpointError when another command holds ``out_dir``."""
+    with WorkdirLock(out_dir) if out_dir is not None else contextlib.nullcontext():
+        return _lr_find(config, dataset, out_dir, verbose)
+
+
+def _lr_find(config: Config, dataset: Dataset | None, out_dir: str | Path | None, verbose: bool) -> LRFindResult:
     if config.compile_cache:
         backend.enable_compile_cache(default_cache_dir() / "xla")
     mesh = parallel.make_mesh(config.num_devices)

@@ -346,6 +346,15 @@ def _allgather(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values))
 
 
+def every_process(ok: bool) -> bool:
+    """Returns True when ``ok`` is True in every process of a multi-process run (one small collective, which
+    every process must reach); ``ok`` itself in a single-process run."""
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return ok
+    with _quiet_stdout():
+        return bool(_allgather(np.array([int(ok)], np.int32)).min())
+
+
 def config_fingerprint(config: Any) -> tuple[list[str], np.ndarray]:
     """Returns (field names, int32 hash of each field's value) of ``config``, without the process-local fields."""
     values = config.to_dict()

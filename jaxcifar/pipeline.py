@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxcifar import parallel
+from jaxcifar import parallel, testhooks
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.loop import check_resume, echo, fit
@@ -19,13 +19,13 @@ from jaxcifar.plots import figure_to_array
 from jaxcifar.report import Report, ReportOptions, make_report
 from jaxcifar.state import TrainState
 from jaxcifar.timing import Timing
-from jaxcifar.workdir import check_workdir
+from jaxcifar.workdir import claim_workdir, holding, report_written
 from jaxcifar.writers import TensorBoardWriter
 
 
 class RunResult(NamedTuple):
     """What ``run`` returns: the final state, the per-epoch history, the LR range test (with ``--lr auto``
-    on a fresh run, else None), the report (with ``--report`` when epochs were trained, else None) and
+    on a fresh run, else None), the report (with ``--report`` when this call wrote it, else None) and
     the timing record (seconds per phase, as in ``timing.json``)."""
 
     state: TrainState
@@ -43,18 +43,32 @@ def run(
     With ``config.lr == "auto"`` the LR range test runs first (``lr_find.png``/``.json`` in the workdir)
     and its suggestion is the peak LR (a resumed run keeps its saved LR); with ``config.report`` the
     pictures and report.json of the best checkpoint are written after training and logged to
-    TensorBoard. The run ends with one line saying where its time went, also written to
-    ``timing.json`` (``started``: a ``time.perf_counter()`` value, e.g. the process start, from which
-    start-up is counted; default now). ``dataset`` overrides loading from ``config``. Raises what
-    ``fit`` raises.
+    TensorBoard (also when a finished run is resumed and its report was not written yet). The workdir's
+    lock is held from before anything is read from it until the end (``workdir.holding``). The run
+    ends with one line saying where its time went, also written to ``timing.json`` (``started``: a
+    ``time.perf_counter()`` value, e.g. the process start, from which start-up is counted; default now).
+    ``dataset`` overrides loading from ``config``. Raises what ``fit`` raises.
     """
     timing = Timing(started)
     timing.add("startup", time.perf_counter() - timing.started)
     if config.distributed:  # first: every later step may be collective; one config for every process
         parallel.initialize_distributed(config)
+    with holding(config.workdir) as workdir:  # one lock over the whole command; fit and lr_find take it again
+        result = _run(config, workdir, dataset, verbose, timing)
+    if config.distributed:
+        parallel.finish_distributed()  # waits for every process: none of them ends before the others are done
+    return result
+
+
+def _run(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, timing: Timing) -> RunResult:
+    """``run`` once the workdir's lock is held."""
     main = verbose and parallel.is_main_process()  # one run: its lines come from process 0 (fit: devices from all)
-    config, meta = check_resume(config, check_workdir(config.workdir), verbose=False)  # fails before any work
+    config, meta = check_resume(config, workdir, verbose=False)  # fails before any work
     finished = meta is not None and int(meta["epoch"]) >= config.epochs
+    # A finished run resumed with --report: the report is what is left when a previous command did not write it.
+    report_due = config.report and not (finished and report_written(workdir))
+    if not finished or report_due:
+        claim_workdir(workdir)  # decided: this command writes the workdir (a refused one names its pid)
     found = None
     if config.lr == "auto":
         with timing.phase("data"):
@@ -68,8 +82,9 @@ def run(
     result = fit(config, dataset, verbose=verbose, timing=timing)
     report = None
     is_main = jax.process_index() == 0
-    if config.report and not finished:
+    if report_due:
         with timing.phase("report"), tempfile.TemporaryDirectory() as elsewhere:
+            testhooks.pause("report")
             # Every process makes it (orbax reads a checkpoint collectively); others write it to a temporary folder.
             out = None if is_main else elsewhere
             report = make_report(
@@ -88,8 +103,6 @@ def run(
         if is_main:
             record = timing.write(Path(config.workdir) / "timing.json")
         echo(timing.summary_line(record), main)
-    if config.distributed:
-        parallel.finish_distributed()  # waits for every process: none of them ends before the others are done
     return RunResult(result.state, result.history, found, report, record)
 
 

@@ -18,6 +18,7 @@ from jaxcifar import interrupts
 if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends in one line from the start
     interrupts.install("python -m jaxcifar.report")
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -30,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcifar import analysis, cli, gradcam, interop, models, optim, plots, transforms
+from jaxcifar import analysis, cli, gradcam, interop, models, optim, parallel, plots, transforms
 from jaxcifar.checkpoint import load_variables, saved_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileError
 from jaxcifar.files import ensure_dir, read_history, save_figure, write_json
 from jaxcifar.network import build_model
+from jaxcifar.workdir import WorkdirLock
 
 SPLITS = ("test", "val", "train")
 FIGURES = ("curves", "lr", "misclassified", "gradcam", "confusion")
@@ -107,8 +109,27 @@ def make_report(
     what ``explain`` draws) of its best checkpoint, the EMA weights when the run kept them.
 
     ``config`` defaults to the workdir's config.json, ``dataset`` to loading it from that config.
-    Raises ``JaxcifarError`` subclasses for a missing workdir, checkpoint or split, or a bad option.
+    Holds the workdir's lock for reading (``workdir.WorkdirLock``, shared): CheckpointError while a run
+    or LR range test holds it. Raises ``JaxcifarError`` subclasses for a missing workdir, checkpoint or
+    split, or a bad option.
     """
+    with reading(workdir):
+        return _make_report(workdir, options, config, dataset, out_dir)
+
+
+def reading(workdir: str | Path) -> contextlib.AbstractContextManager[Any]:
+    """Returns the shared lock of a training workdir for a report (nothing in the other processes of a
+    multi-process run: process 0 holds the run's lock, and they read its checkpoint with it)."""
+    return WorkdirLock(workdir, shared=True) if parallel.is_main_process() else contextlib.nullcontext()
+
+
+def _make_report(
+    workdir: str | Path,
+    options: ReportOptions | None,
+    config: Config | None,
+    dataset: Dataset | None,
+    out_dir: str | Path | None,
+) -> Report:
     options = options or ReportOptions()
     config = config or load_run_config(workdir)
     history = read_history(workdir)
@@ -377,10 +398,11 @@ def _report(args: Any) -> int:
                 out_dir=args.out_dir,
             )
         else:
-            config = load_run_config(args.workdir)
-            if args.data_dir:
-                config = config.replace(data_dir=args.data_dir)
-            report = make_report(args.workdir, options, config=config, out_dir=args.out_dir)
+            with reading(args.workdir):  # before its config is read; make_report takes it again
+                config = load_run_config(args.workdir)
+                if args.data_dir:
+                    config = config.replace(data_dir=args.data_dir)
+                report = make_report(args.workdir, options, config=config, out_dir=args.out_dir)
     except ConfigError as e:  # the library's hint names the Python argument; the CLI's flag is this one
         raise ConfigError(str(e).replace("allow_small=True", "--allow-small-layer")) from None
     summary = report.summary

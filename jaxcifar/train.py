@@ -40,7 +40,9 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
         run(config, started=started)
         return 0
 
-    return cli.run_command(parser.prog, body, lambda: describe_saved(config.workdir))
+    return cli.run_command(
+        parser.prog, body, lambda: describe_saved(config.workdir, epochs=config.epochs, report=config.report)
+    )
 
 
 if __name__ == "__main__":
