@@ -275,23 +275,32 @@ def _maps(
     targets: jax.Array | None,
 ) -> jax.Array:
     """(B, H, W) maps in [0, 1] of one batch (no augmentation)."""
+    size = images.shape[1:3]
     if method in GRADIENT_METHODS:
-        weigh, _, always_project = GRADIENT_METHODS[method]
         activation, grads, _, _ = activations_and_gradients(model, layer, variables, images, targets, target)
-        weighted = weigh(activation, grads)
+        return gradient_maps(method, activation, grads, size, eigen_smooth)
+    logits, activation = _forward(model, layer, variables, images)
+    chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets
+    if method == "scorecam":
+        weights = _score_cam_weights(model, variables, images, activation, chosen, target, batch_size)
     else:
-        always_project = False
-        logits, activation = _forward(model, layer, variables, images)
-        chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets
-        if method == "scorecam":
-            weights = _score_cam_weights(model, variables, images, activation, chosen, target, batch_size)
-        else:
-            weights = _ablation_cam_weights(
-                model, layer, variables, images, activation, logits, chosen, target, batch_size
-            )
-        weighted = activation * weights[:, None, None, :]
-    maps = eigen_projection(weighted) if (always_project or eigen_smooth) else jnp.sum(weighted, axis=-1)
-    return gradcam.scale_cam(jax.nn.relu(maps), images.shape[1:3])
+        weights = _ablation_cam_weights(model, layer, variables, images, activation, logits, chosen, target, batch_size)
+    return weighted_maps(activation * weights[:, None, None, :], size, eigen_smooth)
+
+
+def weighted_maps(weighted: jax.Array, size: tuple[int, int], project: bool = False) -> jax.Array:
+    """(B, h, w, C) weighted activations -> (B, *size) maps in [0, 1]: channel sum (or ``eigen_projection``
+    when ``project``), ReLU, ``gradcam.scale_cam``."""
+    maps = eigen_projection(weighted) if project else jnp.sum(weighted, axis=-1)
+    return gradcam.scale_cam(jax.nn.relu(maps), size)
+
+
+def gradient_maps(
+    method: str, activation: jax.Array, grads: jax.Array, size: tuple[int, int], eigen_smooth: bool = False
+) -> jax.Array:
+    """Maps (B, *size) in [0, 1] of a ``GRADIENT_METHODS`` method from A and G (B, h, w, C) at one layer."""
+    weigh, _, always_project = GRADIENT_METHODS[method]
+    return weighted_maps(weigh(activation, grads), size, always_project or eigen_smooth)
 
 
 def augmented_views(images: jax.Array) -> jax.Array:
