@@ -310,10 +310,7 @@ def augmented_views(images: jax.Array) -> jax.Array:
     return (flips[:, None] * factors).reshape(len(AUG_FACTORS) * 2, *images.shape)
 
 
-@functools.partial(
-    lazy_jit, static_argnames=("model", "layer", "method", "target", "eigen_smooth", "aug_smooth", "batch_size")
-)
-def _cam(
+def _cam_impl(
     model: nn.Module,
     layer: str,
     method: str,
@@ -325,7 +322,7 @@ def _cam(
     images: jax.Array,
     targets: jax.Array | None,
 ) -> jax.Array:
-    """Jitted core of ``cam``; one compile per (model, layer, method, options, shapes, targets given or not)."""
+    """The core of ``cam``: (B, H, W) maps of validated arguments (jitted as ``_cam``)."""
     maps = functools.partial(_maps, model, layer, method, target, eigen_smooth, batch_size, variables)
     if not aug_smooth:
         return maps(images, targets)
@@ -336,6 +333,18 @@ def _cam(
     half = len(AUG_FACTORS)
     out = jnp.concatenate([out[:half], out[half:, :, :, ::-1]])  # flip the flipped views back
     return jnp.mean(out, axis=0)
+
+
+# One compile per (model, layer, method, options, shapes, targets given or not). Under an outer jit
+# ``cam`` calls ``_cam_impl`` directly: compiler options are only allowed on the outermost jit.
+_cam = lazy_jit(
+    _cam_impl, static_argnames=("model", "layer", "method", "target", "eigen_smooth", "aug_smooth", "batch_size")
+)
+
+
+def _traced(*trees: Any) -> bool:
+    """Whether any leaf is a tracer (``cam`` is being traced by an outer transformation)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
 def cam(
@@ -374,7 +383,8 @@ def cam(
     gradcam.check_layer(model, variables, images.shape, layer, allow_small)
     if targets is not None:
         targets = _checked_targets(model, variables, images, targets)
-    return _cam(
+    core = _cam_impl if _traced(variables, images, targets) else _cam
+    return core(
         model,
         layer,
         method,
