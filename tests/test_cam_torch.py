@@ -16,6 +16,7 @@ skipped without them, failing instead when JAXCIFAR_REQUIRE_TORCH=1 (CI).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator
 
@@ -31,7 +32,7 @@ pgc = require("pytorch_grad_cam")
 
 from pytorch_grad_cam.utils import model_targets  # noqa: E402
 
-from jaxcifar import cam, interop, models  # noqa: E402
+from jaxcifar import cam, cam_metrics, interop, models  # noqa: E402
 from jaxcifar.torch_resnet import make_resnet  # noqa: E402
 
 torch.set_num_threads(1)
@@ -131,7 +132,7 @@ def _gradients(layer: str, variables_id: int):
     return jax.jit(functools.partial(cam.activations_and_gradients, layer=layer), static_argnames=("model",))
 
 
-@pytest.mark.parametrize("layer", ["layer3", "layer2"])
+@pytest.mark.parametrize("layer", ["layer3", pytest.param("layer2", marks=pytest.mark.slow)])
 def test_gradient_weightings_match_pytorch_grad_cam(pair, layer):
     """A and G from one compiled gradient; every weighting of GRADIENT_METHODS, plain and eigen_smooth."""
     net, variables, model, x = pair
@@ -207,3 +208,44 @@ def test_options_match_pytorch_grad_cam(pair, method, options):
     with jax.enable_x64(True):
         ours = np.asarray(cam.cam(model, variables, _nhwc(x), "layer3", method, targets=TARGETS, **options))
     compare(net, "layer3", method, x, ours, **options)
+
+
+@pytest.mark.slow
+def test_faithfulness_metrics_match_pytorch_grad_cam(pair):
+    """Confidence change (and drop / increase) and ROAD (zero noise) on pytorch-grad-cam's own maps, in
+    float32 (pytorch-grad-cam's imputer writes float32 values into the image)."""
+    from pytorch_grad_cam.metrics import cam_mult_image, perturbation_confidence, road
+
+    net, _, _, x = pair
+    net, x = copy.deepcopy(net).float(), x.float()
+    variables = interop.load_torch_state_dict(net.state_dict(), "resnet18")
+    model = models.get_model("resnet18", width=WIDTH)
+    maps = reference(net, "layer3", "gradcam", x)
+    wrapped = [model_targets.ClassifierOutputTarget(t) for t in TARGETS]
+    expected = {
+        "change": cam_mult_image.CamMultImageConfidenceChange()(x, maps, wrapped, net),
+        "drop": cam_mult_image.DropInConfidence()(x, maps, wrapped, net),
+        "increase": cam_mult_image.IncreaseInConfidence()(x, maps, wrapped, net),
+    }
+    for name, percentile, remove in (
+        ("morf", 80, perturbation_confidence.RemoveMostRelevantFirst),
+        ("lerf", 30, perturbation_confidence.RemoveLeastRelevantFirst),
+    ):
+        metric = perturbation_confidence.PerturbationConfidenceMetric(
+            remove(percentile, road.NoisyLinearImputer(noise=0.0))
+        )
+        expected[name] = metric(x, maps, wrapped, net)
+    args = (model, variables, _nhwc(x), maps, TARGETS)
+    ours = {
+        "change": cam_metrics.confidence_change(*args),
+        "drop": cam_metrics.drop_in_confidence(*args),
+        "increase": cam_metrics.increase_in_confidence(*args),
+        "morf": cam_metrics.road(*args, most_relevant_first=True),
+        "lerf": cam_metrics.road(*args, percentile=30, most_relevant_first=False),
+    }
+    noisy = cam_metrics.road(*args, noise=0.01, key=jax.random.PRNGKey(0))
+    for name, values in expected.items():
+        assert values.shape == (len(TARGETS),)
+        np.testing.assert_allclose(np.asarray(ours[name]), values, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert 0 < expected["increase"].sum() < len(TARGETS) and np.abs(expected["morf"]).max() > 1e-3
+    assert 0 < np.abs(np.asarray(noisy) - expected["morf"]).max() < 0.5  # seeded noise moves the scores a little
