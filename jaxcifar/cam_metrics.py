@@ -249,3 +249,25 @@ def road_combined(*args: Any, **kwargs: Any) -> jax.Array:
     lerf = road_average(*args, most_relevant_first=False, **kwargs)
     morf = road_average(*args, most_relevant_first=True, **kwargs)
     return (lerf - morf) / 2
+
+
+def faithfulness(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: jax.Array,
+    cams: jax.Array,
+    targets: jax.Array | Sequence[int] | None = None,
+    *,
+    target: str = "logit",
+) -> dict[str, np.ndarray]:
+    """The metrics of one set of maps, each float (B,): ``confidence_change``, ``drop_in_confidence``,
+    ``increase_in_confidence``, ``road_morf`` (percentile 80) and ``road_lerf`` (percentile 20), zero noise."""
+    args = (model, variables, images, cams, targets)
+    change = np.asarray(confidence_change(*args, target=target))
+    return {
+        "confidence_change": change,
+        "drop_in_confidence": np.maximum(-change, 0.0),
+        "increase_in_confidence": (change > 0).astype(change.dtype),
+        "road_morf": np.asarray(road(*args, most_relevant_first=True, target=target)),
+        "road_lerf": np.asarray(road(*args, most_relevant_first=False, target=target)),
+    }
