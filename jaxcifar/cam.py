@@ -45,6 +45,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -122,7 +123,7 @@ GRADIENT_METHODS: dict[str, tuple[Weighting, bool, bool]] = {
     "eigengradcam": (weigh_hirescam, True, True),
 }
 PERTURBATION_METHODS = ("scorecam", "ablationcam")
-METHODS = (*GRADIENT_METHODS, *PERTURBATION_METHODS)
+METHODS = (*GRADIENT_METHODS, *PERTURBATION_METHODS, "fullgrad")
 
 
 def eigen_projection(weighted: jax.Array) -> jax.Array:
@@ -263,6 +264,61 @@ def _ablation_cam_weights(
     return (original[:, None] - scores) / original[:, None]
 
 
+def _fullgrad_interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+    """Marks the output of every BatchNorm (and biased Conv) for FullGrad: a ``fullgrad`` perturbation (for
+    its gradient) and its effective bias sown as ``fullgrad_bias`` (BatchNorm in eval mode:
+    bias - running mean * scale / sqrt(running var + eps))."""
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__":
+        return out
+    if isinstance(module, nn.BatchNorm):
+        mean = module.get_variable("batch_stats", "mean")
+        var = module.get_variable("batch_stats", "var")
+        scale = module.get_variable("params", "scale") if module.use_scale else 1.0
+        shift = module.get_variable("params", "bias") if module.use_bias else 0.0
+        bias = shift - mean * scale / jnp.sqrt(var + module.epsilon)
+    elif isinstance(module, nn.Conv) and module.use_bias:
+        bias = module.get_variable("params", "bias")
+    else:
+        return out
+    module.sow("intermediates", "fullgrad_bias", bias)
+    return module.perturb("fullgrad", out)
+
+
+def _per_channel_minmax(x: jax.Array) -> jax.Array:
+    """(B, h, w, C): each (image, channel) map min-max scaled over (h, w), as ``scale_cam_image``."""
+    return jnp.moveaxis(gradcam.minmax_normalize(jnp.moveaxis(x, -1, 1)), 1, -1)
+
+
+def _fullgrad_maps(
+    model: nn.Module, variables: dict[str, Any], images: jax.Array, targets: jax.Array | None, target: str
+) -> jax.Array:
+    """FullGrad (arXiv:1905.00780) as pytorch-grad-cam computes it: (B, H, W) in [0, 1]."""
+    with nn.intercept_methods(_fullgrad_interceptor):
+        zeros = _zero_perturbations(model, variables, images)
+
+        def score(perturbations: Any, x: jax.Array) -> tuple[jax.Array, Any]:
+            logits, state = model.apply(
+                {**variables, "perturbations": perturbations}, x, train=False, mutable=["intermediates"]
+            )
+            chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets
+            return jnp.sum(target_scores(logits, chosen, target)), state["intermediates"]
+
+        (grads, input_grad), intermediates = jax.grad(score, argnums=(0, 1), has_aux=True)(zeros, images)
+    size = images.shape[1:3]
+    total = jnp.sum(_per_channel_minmax(jnp.abs(input_grad * images)), axis=-1)
+    biases = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+    flat_grads = flax.traverse_util.flatten_dict(flax.core.unfreeze(grads))
+    for path, (bias,) in biases.items():
+        if path[-1] != "fullgrad_bias":
+            continue
+        grad = flat_grads[(*path[:-1], "fullgrad")]
+        summed = jnp.sum(_per_channel_minmax(jnp.abs(bias * grad)), axis=-1)  # resizing is linear: sum first
+        total = total + jax.image.resize(summed, (summed.shape[0], *size), method="bilinear", antialias=False)
+    return gradcam.minmax_normalize(total)
+
+
 def _maps(
     model: nn.Module,
     layer: str,
@@ -276,6 +332,8 @@ def _maps(
 ) -> jax.Array:
     """(B, H, W) maps in [0, 1] of one batch (no augmentation)."""
     size = images.shape[1:3]
+    if method == "fullgrad":
+        return _fullgrad_maps(model, variables, images, targets, target)
     if method in GRADIENT_METHODS:
         activation, grads, _, _ = activations_and_gradients(model, layer, variables, images, targets, target)
         return gradient_maps(method, activation, grads, size, eigen_smooth)
@@ -376,6 +434,8 @@ def cam(
         raise ValueError(f"unknown CAM method {method!r}; available: {', '.join(METHODS)}")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+    if method == "fullgrad" and eigen_smooth:
+        raise ValueError("eigen_smooth is not available for fullgrad")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     images = jnp.asarray(images)

@@ -52,6 +52,7 @@ REFERENCE = {
     "eigengradcam": "EigenGradCAM",
     "scorecam": "ScoreCAM",
     "ablationcam": "AblationCAM",
+    "fullgrad": "FullGrad",  # ignores the layer: every BatchNorm (and biased convolution) and the input
 }
 # Modules of pytorch-grad-cam that call get_2d_projection (patched to apply jaxcifar's sign convention).
 _PROJECTING = ("base_cam", "hirescam", "grad_cam_elementwise", "layer_cam", "eigen_cam", "eigen_grad_cam")

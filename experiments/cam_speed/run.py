@@ -38,6 +38,7 @@ CLASSES = {
     "eigengradcam": pgc.EigenGradCAM,
     "scorecam": pgc.ScoreCAM,
     "ablationcam": pgc.AblationCAM,
+    "fullgrad": pgc.FullGrad,
 }
 
 
