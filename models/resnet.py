@@ -51,6 +51,7 @@ class BasicBlock(nn.Module):
     strides: int = 1
     dtype: Any = jnp.float32
     conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
+    activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -65,14 +66,14 @@ class BasicBlock(nn.Module):
             dtype=self.dtype,
         )
         y = conv(self.features, (3, 3), strides=self.strides, padding=_same_padding(3), name="conv1")(x)
-        y = nn.relu(norm(name="bn1")(y))
+        y = self.activation(norm(name="bn1")(y))
         y = conv(self.features, (3, 3), padding=_same_padding(3), name="conv2")(y)
         y = norm(name="bn2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = conv(self.features, (1, 1), strides=self.strides, padding=0, name="shortcut_conv")(x)
             shortcut = norm(name="shortcut_bn")(shortcut)
-        return nn.relu(y + shortcut)
+        return self.activation(y + shortcut)
 
 
 class ResNet(nn.Module):
@@ -82,6 +83,7 @@ class ResNet(nn.Module):
     numerics); parameters are float32 unless given otherwise.
     ``conv_general_dilated`` is the convolution primitive (``lax.conv_general_dilated``'s signature,
     e.g. ``jaxcifar.models.conv.CustomGradConv()``); it changes the gradients' speed, not the parameters.
+    ``activation`` is every ReLU of the network (explanation methods swap it, e.g. guided backpropagation).
     """
 
     stage_sizes: Sequence[int]
@@ -89,6 +91,7 @@ class ResNet(nn.Module):
     width: int = 64
     dtype: Any = jnp.float32
     conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
+    activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -105,13 +108,18 @@ class ResNet(nn.Module):
         x = nn.BatchNorm(
             use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype, name="bn1"
         )(x)
-        x = nn.relu(x)
+        x = self.activation(x)
         for stage, (name, num_blocks) in enumerate(zip(STAGE_NAMES, self.stage_sizes, strict=True)):
             features = self.width * 2**stage
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 block_module = BasicBlock(
-                    features, strides, self.dtype, self.conv_general_dilated, name=f"{name}_{block}"
+                    features,
+                    strides,
+                    self.dtype,
+                    self.conv_general_dilated,
+                    activation=self.activation,
+                    name=f"{name}_{block}",
                 )
                 x = block_module(x, train)
             x = self.perturb(name, x)

@@ -132,3 +132,18 @@ def test_bad_arguments_are_rejected_in_one_line(tiny, kwargs, message):
     with pytest.raises(ValueError, match=message) as error:
         cam.cam(model, variables, images, **kwargs)
     assert "\n" not in str(error.value)
+
+
+def test_guided_relu_passes_back_only_positive_gradients_at_positive_inputs():
+    x = jnp.asarray([-1.0, 2.0, 3.0, 0.0])
+    g = jnp.asarray([5.0, -4.0, 6.0, 7.0])
+    value, vjp = jax.vjp(cam.guided_relu, x)
+    np.testing.assert_allclose(value, [0.0, 2.0, 3.0, 0.0])
+    np.testing.assert_allclose(vjp(g)[0], [0.0, 0.0, 6.0, 0.0])
+
+
+def test_guided_backprop_needs_an_activation_field(tiny):
+    _, variables, images = tiny
+    bare = type("Bare", (), {"__dataclass_fields__": {}})()
+    with pytest.raises(ValueError, match="needs a model with an activation field; Bare has none"):
+        cam.guided_backprop(bare, variables, images)

@@ -250,3 +250,55 @@ def test_faithfulness_metrics_match_pytorch_grad_cam(pair):
         np.testing.assert_allclose(np.asarray(ours[name]), values, rtol=1e-4, atol=1e-6, err_msg=name)
     assert 0 < expected["increase"].sum() < len(TARGETS) and np.abs(expected["morf"]).max() > 1e-3
     assert 0 < np.abs(np.asarray(noisy) - expected["morf"]).max() < 0.5  # seeded noise moves the scores a little
+
+
+def _with_relu_modules(net):
+    """A copy of the kuangliu ResNet whose ReLUs are ``torch.nn.ReLU`` modules (it calls ``F.relu``), the
+    only ones pytorch-grad-cam's guided backpropagation swaps."""
+    import types
+
+    import torch.nn.functional as F
+
+    net = copy.deepcopy(net)
+
+    def block_forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in stage:
+            block.relu1, block.relu2 = torch.nn.ReLU(), torch.nn.ReLU()
+            block.forward = types.MethodType(block_forward, block)
+    net.relu = torch.nn.ReLU()
+    net.forward = types.MethodType(forward, net)
+    return net
+
+
+@pytest.mark.slow
+def test_guided_backprop_and_guided_grad_cam_match_pytorch_grad_cam(pair):
+    """On a copy built with nn.ReLU modules (pytorch-grad-cam's GuidedBackpropReLUModel takes one image and
+    one class per call); on the original, which calls F.relu, its "guided" gradient is the plain one."""
+    from pytorch_grad_cam import GuidedBackpropReLUModel
+
+    net, variables, model, x = pair
+    modules = _with_relu_modules(net)
+    guided = GuidedBackpropReLUModel(model=modules, device="cpu")
+    expected = np.stack([guided(x[i : i + 1].clone(), target_category=t) for i, t in enumerate(TARGETS)])
+    with jax.enable_x64(True):
+        ours = np.asarray(cam.guided_backprop(model, variables, _nhwc(x), TARGETS))
+        combined = np.asarray(cam.guided_grad_cam(model, variables, _nhwc(x), "layer3", "gradcam", TARGETS))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6 * scale)
+    maps = reference(modules, "layer3", "gradcam", x)
+    np.testing.assert_allclose(combined, maps[..., None] * expected, rtol=0, atol=1e-4 * scale)
+
+    unguided = GuidedBackpropReLUModel(model=net, device="cpu")
+    plain = np.stack([unguided(x[i : i + 1].clone(), target_category=t) for i, t in enumerate(TARGETS)])
+    inputs = x.clone().requires_grad_(True)
+    net(inputs)[torch.arange(len(TARGETS)), torch.tensor(TARGETS)].sum().backward()
+    np.testing.assert_allclose(plain, inputs.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-12 * scale)
+    assert np.abs(plain - expected).max() > 0.1 * scale  # guided backpropagation does change the gradient
