@@ -23,7 +23,8 @@ ablationcam         A * (score - score with channel c ablated) / score; ablation
 ==================  ===========================================================================
 
 The principal component (``eigen_projection``) is the projection of the channel vectors, centered
-over the h*w positions, on their first right singular vector. Its sign is arbitrary (pytorch-grad-cam
+over the h*w positions, on their first right singular vector (found with ``eigh`` of the smaller Gram
+matrix, which is much faster than an SVD on CPU). Its sign is arbitrary (pytorch-grad-cam
 keeps whatever ``np.linalg.svd`` returns); here it is fixed: the projection is made to correlate
 positively with the channel sum of the same weighted activations (the map without projection), so
 that ``eigencam`` points where the activations are large. A projection uncorrelated with the sum
@@ -136,8 +137,14 @@ def eigen_projection(weighted: jax.Array) -> jax.Array:
     b, h, w, c = weighted.shape
     flat = weighted.reshape(b, h * w, c)
     centered = flat - jnp.mean(flat, axis=1, keepdims=True)
-    _, _, vt = jnp.linalg.svd(centered, full_matrices=False)
-    projection = jnp.einsum("bpc,bc->bp", centered, vt[:, 0, :])
+    # The first right singular vector v of X (h*w, C) without an SVD (slow on CPU): from the smaller Gram
+    # matrix, X^T X = V S^2 V^T (then X v), or X X^T = U S^2 U^T (then X v = s_1 u_1).
+    if h * w < c:
+        values, vectors = jnp.linalg.eigh(jnp.einsum("bpc,bqc->bpq", centered, centered))
+        projection = vectors[:, :, -1] * jnp.sqrt(jnp.maximum(values[:, -1:], 0.0))
+    else:
+        _, vectors = jnp.linalg.eigh(jnp.einsum("bpc,bpd->bcd", centered, centered))
+        projection = jnp.einsum("bpc,bc->bp", centered, vectors[:, :, -1])
     agreement = jnp.sum(projection * jnp.sum(flat, axis=-1), axis=1, keepdims=True)
     projection = jnp.where(agreement < 0, -projection, projection)
     return projection.reshape(b, h, w)

@@ -55,8 +55,9 @@ def test_weightings_match_numpy_transcription(activations_and_grads, method):
     np.testing.assert_allclose(ours, _numpy_weighted(method, a, g).transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
 
 
-def test_eigen_projection_is_the_first_principal_component_signed_by_the_channel_sum(activations_and_grads):
-    a, _ = activations_and_grads
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (2, 2, 3, 11)], ids=["more-positions", "more-channels"])
+def test_eigen_projection_is_the_first_principal_component_signed_by_the_channel_sum(shape):
+    a = np.maximum(np.random.default_rng(1).normal(size=shape), 0.0)
     ours = np.asarray(cam.eigen_projection(jnp.asarray(a, jnp.float32)))
     chex.assert_shape(ours, a.shape[:3])
     for image, projection in zip(a, ours, strict=True):
