@@ -111,9 +111,10 @@ def reference(
 
 def assert_maps_match(ours: np.ndarray, ref: np.ndarray) -> None:
     """Every map within TOLERANCE of ``ref``'s, and most of them real (a map whose weighted sum is negative
-    everywhere is legitimately all zeros, but all-zero maps compare nothing)."""
+    everywhere is legitimately all zeros, but all-zero maps compare nothing; aug_smooth's averages of
+    6 maps in [0, 1] peak below 1)."""
     assert ours.shape == ref.shape == (len(TARGETS), 32, 32)
-    assert np.sum(ref.max(axis=(1, 2)) > 0.9) >= len(ref) // 2, ref.max(axis=(1, 2))
+    assert np.sum(ref.max(axis=(1, 2)) > 0.5) >= len(ref) // 2, ref.max(axis=(1, 2))
     per_image = np.abs(ours - ref).reshape(len(ref), -1).max(axis=1)
     assert per_image.max() <= TOLERANCE, per_image
 
