@@ -24,7 +24,7 @@ import pytorch_grad_cam as pgc
 import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from jaxcifar import cam, interop, models
+from jaxcifar import backend, cam, interop, models
 from jaxcifar.torch_resnet import make_resnet
 
 CLASSES = {
@@ -49,11 +49,18 @@ def main() -> None:
     parser.add_argument("--layer", default="layer3", help="Target layer (default layer3).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed calls per side and method (default 3).")
     parser.add_argument("--methods", default=",".join(CLASSES), help="Comma-separated methods (default: all).")
+    parser.add_argument(
+        "--conv-impl",
+        choices=backend.CONV_IMPLS,
+        default="lax",
+        help="The JAX model's convolution (jaxcifar's --conv-impl; default lax, as models.get_model builds it).",
+    )
     args = parser.parse_args()
 
     net = make_resnet("resnet18", width=args.width, seed=0).eval()
     variables = interop.load_torch_state_dict(net.state_dict(), "resnet18")
-    model = models.get_model("resnet18", width=args.width)
+    conv = backend.conv_general_dilated(args.conv_impl)
+    model = models.get_model("resnet18", width=args.width, conv_general_dilated=conv)
     x = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     targets = [int(t) for t in np.random.default_rng(2).integers(0, 10, args.images)]
@@ -62,12 +69,16 @@ def main() -> None:
         "images": args.images,
         "layer": args.layer,
         "repeats": args.repeats,
+        "conv_impl": args.conv_impl,
         "torch_threads": torch.get_num_threads(),
         "load_before": os.getloadavg(),
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
         "methods": {},
     }
-    print(f"width {args.width}, {args.images} images, {args.layer}, load {record['load_before']}", flush=True)
+    print(
+        f"width {args.width}, {args.images} images, {args.layer}, conv {args.conv_impl}, load {record['load_before']}",
+        flush=True,
+    )
     for method in args.methods.split(","):
 
         def ours(method: str = method) -> np.ndarray:
