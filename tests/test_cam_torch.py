@@ -130,7 +130,8 @@ def compare(net, layer: str, method: str, x, ours: np.ndarray, **options) -> Non
 
 
 @functools.cache
-def _gradients(layer: str, variables_id: int):
+def _gradients(layer: str):
+    """``cam.activations_and_gradients`` at ``layer``, jitted (one compile per layer)."""
     return jax.jit(functools.partial(cam.activations_and_gradients, layer=layer), static_argnames=("model",))
 
 
@@ -140,7 +141,7 @@ def test_gradient_weightings_match_pytorch_grad_cam(pair, layer):
     net, variables, model, x = pair
     with jax.enable_x64(True):
         targets = jnp.asarray(TARGETS, jnp.int32)
-        activation, grads, _, chosen = _gradients(layer, id(variables))(
+        activation, grads, _, chosen = _gradients(layer)(
             model=model, variables=variables, images=_nhwc(x), targets=targets
         )
         np.testing.assert_array_equal(chosen, TARGETS)
