@@ -168,13 +168,9 @@ def grad_cam(
     targets: jax.Array | Sequence[int] | None = None,
     *,
     allow_small: bool = False,
-    method: str = "gradcam",
-    **options: Any,
 ) -> jax.Array:
-    """Grad-CAM maps of a batch, as pytorch-grad-cam's GradCAM (see the module docstring).
-
-    Another ``method`` of ``jaxcifar.cam.METHODS`` (e.g. ``"gradcam++"``), or ``options`` of ``jaxcifar.cam.cam``
-    (``target``, ``aug_smooth``, ``eigen_smooth``, ``batch_size``), hand the call to ``jaxcifar.cam.cam``.
+    """Grad-CAM maps of a batch, as pytorch-grad-cam's GradCAM (see the module docstring). The other
+    methods and options (Grad-CAM++, ScoreCAM, softmax targets, aug_smooth, ...): ``jaxcifar.cam.cam``.
 
     ``images`` are normalized float (B, H, W, C) as the model expects; ``variables`` holds ``params``
     and ``batch_stats``; ``targets`` int (B,) classes to explain (default: each image's argmax).
@@ -184,10 +180,6 @@ def grad_cam(
     ``allow_small`` (see ``check_layer``).
     One jitted call per batch, compiled once per (model, layer, batch shape).
     """
-    if method != "gradcam" or options:
-        from jaxcifar import cam  # cam builds on this module
-
-        return cam.cam(model, variables, images, layer, method, targets, allow_small=allow_small, **options)
     images = jnp.asarray(images)
     _check_images(model, variables, images)
     check_layer(model, variables, images.shape, layer, allow_small)

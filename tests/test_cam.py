@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcifar import cam, gradcam, models
+from jaxcifar import cam, models
 from jaxcifar.state import init_variables
 
 
@@ -114,8 +114,6 @@ def test_cam_runs_under_jit_with_traced_targets(tiny):
     chex.assert_shape(jitted, (3, 32, 32))
     chex.assert_trees_all_close(jitted, eager, atol=1e-5)
     assert float(jitted.max()) > 0.99
-    via_grad_cam = gradcam.grad_cam(model, variables, images, "layer3", targets=targets, method="layercam")
-    chex.assert_trees_all_equal(via_grad_cam, eager)
 
 
 @pytest.mark.parametrize(
