@@ -122,10 +122,10 @@ def minmax_normalize(cams: jax.Array) -> jax.Array:
 def scale_cam(cams: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Min-max normalizes (B, h, w) maps, resizes them bilinearly to ``size`` and normalizes again.
 
-    Returns float32 (B, *size) in [0, 1]. This is ``scale_cam_image(cam, (W, H))`` followed by the
-    package's ``scale_cam_image(result)`` on the (single-layer) aggregate.
+    Returns float32 (float64 for float64 maps) (B, *size) in [0, 1]. This is ``scale_cam_image(cam, (W, H))``
+    followed by the package's ``scale_cam_image(result)`` on the (single-layer) aggregate.
     """
-    cams = minmax_normalize(cams.astype(jnp.float32))
+    cams = minmax_normalize(cams.astype(jnp.promote_types(cams.dtype, jnp.float32)))
     cams = jax.image.resize(cams, (cams.shape[0], *size), method="bilinear", antialias=False)
     return minmax_normalize(cams)
 
@@ -169,7 +169,8 @@ def grad_cam(
     *,
     allow_small: bool = False,
 ) -> jax.Array:
-    """Grad-CAM maps of a batch, as pytorch-grad-cam's GradCAM (see the module docstring).
+    """Grad-CAM maps of a batch, as pytorch-grad-cam's GradCAM (see the module docstring). The other
+    methods and options (Grad-CAM++, ScoreCAM, softmax targets, aug_smooth, ...): ``jaxcifar.cam.cam``.
 
     ``images`` are normalized float (B, H, W, C) as the model expects; ``variables`` holds ``params``
     and ``batch_stats``; ``targets`` int (B,) classes to explain (default: each image's argmax).

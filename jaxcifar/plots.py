@@ -181,6 +181,37 @@ def plot_gradcam(
     return _finish(fig, path, dpi)
 
 
+def plot_cam_methods(
+    images01: np.ndarray,
+    cams: Mapping[str, np.ndarray],
+    true: Sequence[int],
+    pred: Sequence[int],
+    class_names: Sequence[str],
+    layer_label: str = "layer3, 8x8",
+    alpha: float = 0.5,
+    path: str | Path | None = None,
+    dpi: int = 100,
+) -> Figure:
+    """One row per image: the image ("true → predicted") then the overlay of each method's map.
+
+    ``images01`` (N, H, W, 3) in [0, 1] (or uint8); ``cams`` maps a method name to its (N, H, W) maps in
+    [0, 1] (columns in that order). Returns the Figure (2.2 x 2.4 inches per panel).
+    """
+    count = len(images01)
+    if count == 0 or not cams:
+        return _finish(_empty_figure("no images", dpi), path, dpi)
+    images = _as_float01(images01)
+    ncols = 1 + len(cams)
+    fig = Figure(figsize=(PANEL_INCHES * ncols, (PANEL_INCHES + 0.2) * count + 0.3), dpi=dpi, layout="constrained")
+    axes = np.asarray(fig.subplots(count, ncols, squeeze=False))
+    for i in range(count):
+        _image_axes(axes[i, 0], images[i], f"{class_names[int(true[i])]} → {class_names[int(pred[i])]}")
+        for j, (method, maps) in enumerate(cams.items(), start=1):
+            _image_axes(axes[i, j], overlay(images[i], np.asarray(maps[i]), alpha=alpha), method)
+    fig.suptitle(f"CAM methods at {layer_label}, predicted class (true → predicted)")
+    return _finish(fig, path, dpi)
+
+
 def plot_confusion(
     cm: np.ndarray, class_names: Sequence[str], path: str | Path | None = None, dpi: int = 100
 ) -> Figure:

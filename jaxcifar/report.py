@@ -5,7 +5,9 @@ Loads a workdir's best checkpoint, predicts a whole split, and writes into the w
 ``misclassified.png`` (the N most confident mistakes), ``gradcam.png`` (Grad-CAM of the predicted
 class on those N images),
 ``confusion.png`` and ``report.json`` (accuracy, per-class accuracy, confusion matrix, the
-misclassified examples).
+misclassified examples). With ``--cam METHOD[,METHOD...]`` also ``cam.png`` (those N images x the
+chosen methods of ``jaxcifar.cam``), the methods' faithfulness metrics in report.json (``cam``) and the
+figure as the TensorBoard image ``report/cam`` under ``tensorboard/``.
 
 ``make_torch_report(checkpoint)`` (``--torch-checkpoint``) does the same for a PyTorch checkpoint with
 the kuangliu/pytorch-cifar key layout (see ``jaxcifar.interop``), without the training curves.
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcifar import analysis, cli, gradcam, interop, models, optim, parallel, plots, transforms
+from jaxcifar import analysis, cam, cam_metrics, cli, gradcam, interop, models, optim, parallel, plots, transforms
 from jaxcifar.checkpoint import load_variables, saved_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
@@ -39,6 +41,7 @@ from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileErro
 from jaxcifar.files import ensure_dir, read_history, save_figure, write_json
 from jaxcifar.network import build_model
 from jaxcifar.workdir import WorkdirLock
+from jaxcifar.writers import TensorBoardWriter
 
 SPLITS = ("test", "val", "train")
 FIGURES = ("curves", "lr", "misclassified", "gradcam", "confusion")
@@ -49,7 +52,8 @@ TORCH_FIGURES = ("misclassified", "gradcam", "confusion")  # a PyTorch checkpoin
 class ReportOptions:
     """What a report shows: the ``n`` most confident mistakes of ``split``, Grad-CAM at ``layer`` (one
     smaller than 5x5 only with ``allow_small_layer``), predictions averaged over ``tta`` views, pictures
-    at ``dpi``. Invalid values raise ConfigError naming the flag."""
+    at ``dpi``; ``cam_methods`` (names of ``jaxcifar.cam.METHODS``) adds their maps and metrics.
+    Invalid values raise ConfigError naming the flag."""
 
     n: int = 10
     layer: str | None = None  # None: the model's own Grad-CAM layer (jaxcifar.models.gradcam_layer)
@@ -57,8 +61,13 @@ class ReportOptions:
     tta: str = "none"
     allow_small_layer: bool = False
     dpi: int = 100
+    cam_methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = [m for m in self.cam_methods if m not in cam.METHODS]
+        if unknown or len(set(self.cam_methods)) != len(self.cam_methods):
+            what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "a method is repeated"
+            raise ConfigError(f"--cam {','.join(self.cam_methods)}: {what}; available: {', '.join(cam.METHODS)}")
         if self.split not in SPLITS:
             raise ConfigError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}")
         if self.tta not in transforms.TTA_MODES:
@@ -247,6 +256,9 @@ def explain(
         figures["gradcam"] = plots.plot_gradcam(
             mistakes.images, np.asarray(cams), mistakes.true, mistakes.pred, names, layer_label=layer_label, dpi=dpi
         )
+    cam_summary = None
+    if options.cam_methods and len(mistakes):
+        figures["cam"], cam_summary = _cam_methods(model, variables, dataset, mistakes, options, layer_label)
     figures["confusion"] = plots.plot_confusion(confusion, names, dpi=dpi)
 
     ensure_dir(out, "--out-dir")
@@ -270,8 +282,57 @@ def explain(
         ],
         "figures": {name: path.name for name, path in paths.items()},
     }
+    if cam_summary is not None:
+        summary["cam"] = cam_summary
+        writer = TensorBoardWriter(out / "tensorboard")
+        try:
+            writer.add_image("report/cam", plots.figure_to_array(figures["cam"]), 0)
+            writer.flush()
+        finally:
+            writer.close()
     write_json(out / "report.json", summary)
     return Report(summary=summary, figures=figures, paths=paths)
+
+
+def _cam_methods(
+    model: nn.Module,
+    variables: dict[str, Any],
+    dataset: Dataset,
+    mistakes: Any,
+    options: ReportOptions,
+    layer_label: str,
+) -> tuple[Figure, dict[str, Any]]:
+    """The ``cam`` figure (mistakes x ``options.cam_methods``, predicted class) and its report.json entry:
+    per method, each faithfulness metric's mean and per-image values (in the order of ``misclassified``)."""
+    normalized = transforms.normalize(mistakes.images, dataset.mean, dataset.std)
+    maps: dict[str, np.ndarray] = {}
+    metrics: dict[str, Any] = {}
+    for method in options.cam_methods:
+        maps[method] = np.asarray(
+            cam.cam(
+                model,
+                variables,
+                normalized,
+                options.layer,
+                method,
+                targets=mistakes.pred,
+                allow_small=options.allow_small_layer,
+            )
+        )
+        values = cam_metrics.faithfulness(model, variables, normalized, maps[method], mistakes.pred)
+        metrics[method] = {
+            name: {"mean": float(np.mean(v)), "per_image": [float(x) for x in v]} for name, v in values.items()
+        }
+    figure = plots.plot_cam_methods(
+        mistakes.images, maps, mistakes.true, mistakes.pred, dataset.class_names, layer_label, dpi=options.dpi
+    )
+    summary = {
+        "layer": layer_label,
+        "target": "logit of the predicted class",
+        "road": "percentile 80 most relevant first, 20 least relevant first, zero noise",
+        "methods": metrics,
+    }
+    return figure, summary
 
 
 EVAL_BATCH = 1000  # images per jitted prediction batch (the last one padded), as --eval-batch-size
@@ -329,6 +390,12 @@ def build_parser() -> cli.ArgumentParser:
     )
     parser.add_argument("--split", default="test", choices=SPLITS, help="Split to analyse (default: test).")
     parser.add_argument(
+        "--cam",
+        metavar="METHOD[,METHOD...]",
+        help="Also draw these CAM methods on the misclassified images (cam.png, TensorBoard report/cam) and put "
+        f"their faithfulness metrics in report.json; methods: {', '.join(cam.METHODS)} (default: none).",
+    )
+    parser.add_argument(
         "--allow-small-layer",
         action="store_true",
         help="Allow a Grad-CAM layer smaller than 5x5 (layer4 on 32x32 inputs is 4x4: too coarse to localize).",
@@ -375,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
 
     def interrupted() -> str:
-        names = [f"{name}.png" for name in FIGURES] + ["report.json"]
+        names = [f"{name}.png" for name in (*FIGURES, "cam")] + ["report.json"]
         done = [n for n in names if (out / n).is_file() and (out / n).stat().st_mtime >= started]
         written = f"{', '.join(done)} written (complete files)" if done else "no report file written"
         return f"{written} in {out}"
@@ -385,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(args: Any) -> int:
     try:
-        options = ReportOptions(args.n, args.layer, args.split, args.tta, args.allow_small_layer)
+        methods = tuple(m.strip() for m in args.cam.split(",") if m.strip()) if args.cam else ()
+        options = ReportOptions(args.n, args.layer, args.split, args.tta, args.allow_small_layer, cam_methods=methods)
         if args.torch_checkpoint is not None:
             report = make_torch_report(
                 args.torch_checkpoint,

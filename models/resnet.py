@@ -56,30 +56,32 @@ class BasicBlock(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     strides: int = 1
+    activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         y = self.conv(self.features, (3, 3), strides=self.strides, padding=_same_padding(3), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.activation(self.norm(name="bn1")(y))
         y = self.conv(self.features, (3, 3), padding=_same_padding(3), name="conv2")(y)
         y = self.norm(name="bn2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = self.conv(self.features, (1, 1), strides=self.strides, padding=0, name="shortcut_conv")(x)
             shortcut = self.norm(name="shortcut_bn")(shortcut)
-        return nn.relu(y + shortcut)
+        return self.activation(y + shortcut)
 
 
 class ResNet(nn.Module):
     """CIFAR ResNet. ``apply(variables, x, train)`` maps (B, H, W, 3) images to (B, num_classes) logits.
 
     Built from its parts as kuangliu's ``ResNet(BasicBlock, [2, 2, 2, 2])`` and flax's imagenet example:
-    ``block_cls`` (called as ``block_cls(features, conv=..., norm=..., strides=...)``), ``conv`` (an
+    ``block_cls`` (called as ``block_cls(features, conv=..., norm=..., strides=..., activation=...)``), ``conv`` (an
     ``nn.Conv``-like class) and ``norm`` (an ``nn.BatchNorm``-like class). Logits are float32 for float32
     and bfloat16 compute (float64 for ``dtype=float64``, e.g. to check numerics); parameters are float32
     unless given otherwise. ``conv_general_dilated`` is the convolution primitive
     (``lax.conv_general_dilated``'s signature, e.g. ``jaxcifar.models.conv.CustomGradConv()``); it changes
-    the gradients' speed, not the parameters.
+    the gradients' speed, not the parameters. ``activation`` is every ReLU of the network (explanation
+    methods swap it, e.g. guided backpropagation); blocks get it as ``activation=``.
     """
 
     stage_sizes: Sequence[int]
@@ -90,6 +92,7 @@ class ResNet(nn.Module):
     conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
+    activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
     gradcam_layer: ClassVar[str] = "layer3"  # 8x8 on 32x32 inputs (layer4 is 4x4)
 
@@ -103,12 +106,14 @@ class ResNet(nn.Module):
         )
         x = jnp.asarray(x, self.dtype)
         x = conv(self.width, (3, 3), padding=_same_padding(3), name="conv1")(x)
-        x = nn.relu(norm(name="bn1")(x))
+        x = self.activation(norm(name="bn1")(x))
         for stage, (name, num_blocks) in enumerate(zip(STAGE_NAMES, self.stage_sizes, strict=True)):
             features = self.width * 2**stage
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = self.block_cls(features, conv=conv, norm=norm, strides=strides, name=f"{name}_{block}")(x)
+                x = self.block_cls(
+                    features, conv=conv, norm=norm, strides=strides, activation=self.activation, name=f"{name}_{block}"
+                )(x)
             x = self.perturb(name, x)
             self.sow("intermediates", name, x)
         x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))

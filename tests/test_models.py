@@ -88,11 +88,12 @@ class _OneConvBlock(nn.Module):
     conv: Any
     norm: Any
     strides: int = 1
+    activation: Any = nn.relu
 
     @nn.compact
     def __call__(self, x):
         x = self.conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)), name="conv")(x)
-        return nn.relu(self.norm(name="bn")(x))
+        return self.activation(self.norm(name="bn")(x))
 
 
 class _NoScaleBatchNorm(nn.BatchNorm):

@@ -113,3 +113,31 @@ def test_make_report_returns_figures(real_run, tmp_path):
     history = json.loads((Path(config.workdir) / "history.json").read_text())
     (test_loss,) = [line for line in report.figures["curves"].axes[0].get_lines() if line.get_label() == "test"]
     np.testing.assert_allclose(test_loss.get_ydata(), [r["test_loss"] for r in history])
+
+
+def test_report_with_cam_methods_draws_them_and_scores_them(real_run, tmp_path, capsys):
+    config, _ = real_run
+    options = ReportOptions(n=3, cam_methods=("gradcam++", "eigencam"))
+    report = make_report(config.workdir, options, config=config, out_dir=tmp_path)
+    assert (tmp_path / "cam.png").is_file() and report.paths["cam"] == tmp_path / "cam.png"
+    axes = report.figures["cam"].axes
+    assert len(axes) == 3 * 3 and [ax.get_title() for ax in axes[1:3]] == ["gradcam++", "eigencam"]
+    mistakes, test_images = report.summary["misclassified"], load_dataset(config).test.images
+    assert [ax.get_title() for ax in axes[::3]] == [f"{m['true']} → {m['pred']}" for m in mistakes]
+    np.testing.assert_allclose(axes[3].get_images()[0].get_array(), test_images[mistakes[1]["index"]] / 255, atol=1e-6)
+    saved = json.loads((tmp_path / "report.json").read_text())["cam"]
+    assert saved["layer"] == "layer3, 8x8" and list(saved["methods"]) == ["gradcam++", "eigencam"]
+    metrics = saved["methods"]["gradcam++"]
+    names = {"confidence_change", "drop_in_confidence", "increase_in_confidence", "road_morf", "road_lerf"}
+    assert set(metrics) == names
+    change = metrics["confidence_change"]
+    assert len(change["per_image"]) == 3 and change["mean"] == pytest.approx(np.mean(change["per_image"]))
+    drops = metrics["drop_in_confidence"]["per_image"]
+    assert drops == pytest.approx([max(-c, 0.0) for c in change["per_image"]])
+    assert _image_tags(tmp_path) == {"report/cam"}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--workdir", config.workdir, "--cam", "gradcam,gradcam+", "--out-dir", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "--cam gradcam,gradcam+: unknown 'gradcam+'; available: gradcam, hirescam," in err
+    assert not (tmp_path / "bad").exists()
