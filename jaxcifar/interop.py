@@ -186,11 +186,16 @@ def _stage_sizes(keys: list[str]) -> tuple[int, ...]:
     return tuple(blocks[s] for s in sorted(blocks))
 
 
+def torch_layout_models() -> tuple[str, ...]:
+    """Returns the registry names with kuangliu's PyTorch key layout (the ResNets, which have ``stage_sizes``)."""
+    return tuple(n for n in models.available_models() if getattr(models.get_model(n), "stage_sizes", None))
+
+
 def infer_model_name(state_dict: Mapping[str, Any]) -> str | None:
     """Returns the registry name (e.g. ``"resnet34"``) whose blocks per stage match the keys, else None."""
     found = _stage_sizes(list(unwrap_state_dict(state_dict)[0]))
-    for name in models.available_models():
-        if tuple(getattr(models.get_model(name), "stage_sizes", ())) == found:
+    for name in torch_layout_models():
+        if tuple(models.get_model(name).stage_sizes) == found:
             return name
     return None
 
@@ -268,7 +273,7 @@ def load_torch_state_dict(
             found = _stage_sizes(list(torch_dict))
             raise CheckpointError(
                 f"cannot tell the model from the state_dict (blocks per stage {found or 'none'}); pass model_name, "
-                f"one of {', '.join(models.available_models())}"
+                f"one of {', '.join(torch_layout_models())}"
             )
         model_name = guessed
     kwargs = dict(model_kwargs)

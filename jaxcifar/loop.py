@@ -160,7 +160,9 @@ def fit(
     timing = timing or Timing()
     if config.distributed:  # first: what follows may be collective, and every process must run this config
         parallel.initialize_distributed(config)
-    with holding(config.workdir) as workdir:  # before anything is read from the workdir or decided about it
+    with holding(
+        config.workdir, is_main=parallel.is_main_process(), every_process=parallel.every_process
+    ) as workdir:  # before anything is read from the workdir or decided about it
         return _fit(config, workdir, dataset, verbose, timing)
 
 

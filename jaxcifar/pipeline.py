@@ -53,7 +53,9 @@ def run(
     timing.add("startup", time.perf_counter() - timing.started)
     if config.distributed:  # first: every later step may be collective; one config for every process
         parallel.initialize_distributed(config)
-    with holding(config.workdir) as workdir:  # one lock over the whole command; fit and lr_find take it again
+    with holding(
+        config.workdir, is_main=parallel.is_main_process(), every_process=parallel.every_process
+    ) as workdir:  # one lock over the whole command; fit and lr_find take it again
         result = _run(config, workdir, dataset, verbose, timing)
     if config.distributed:
         parallel.finish_distributed()  # waits for every process: none of them ends before the others are done

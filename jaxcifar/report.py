@@ -258,7 +258,7 @@ def explain(
         )
     cam_summary = None
     if options.cam_methods and len(mistakes):
-        figures["cam"], cam_summary = _cam_methods(model, variables, dataset, mistakes, options, layer_label)
+        figures["cam"], cam_summary = _cam_methods(model, variables, dataset, mistakes, options, layer, layer_label)
     figures["confusion"] = plots.plot_confusion(confusion, names, dpi=dpi)
 
     ensure_dir(out, "--out-dir")
@@ -300,6 +300,7 @@ def _cam_methods(
     dataset: Dataset,
     mistakes: Any,
     options: ReportOptions,
+    layer: str,
     layer_label: str,
 ) -> tuple[Figure, dict[str, Any]]:
     """The ``cam`` figure (mistakes x ``options.cam_methods``, predicted class) and its report.json entry:
@@ -313,7 +314,7 @@ def _cam_methods(
                 model,
                 variables,
                 normalized,
-                options.layer,
+                layer,
                 method,
                 targets=mistakes.pred,
                 allow_small=options.allow_small_layer,

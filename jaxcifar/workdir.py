@@ -19,7 +19,7 @@ import fcntl
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,25 +212,27 @@ def _make_dirs(folder: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def holding(workdir: str | Path) -> Iterator[Path]:
+def holding(
+    workdir: str | Path, *, is_main: bool = True, every_process: Callable[[bool], bool] = bool
+) -> Iterator[Path]:
     """Holds ``workdir``'s exclusive lock while the block runs (a command that writes it); yields the Path.
 
     Taken before anything is read from or decided about the workdir (fresh run or resume). In a
     multi-process run process 0 takes it (it writes the run's files) and every process goes on only once
     it has it (one collective); a refusal ends every process with a CheckpointError. Re-entrant as
-    ``WorkdirLock``. The command calls ``claim_workdir`` once it has decided to write the workdir; until then
+    ``WorkdirLock``. ``is_main`` and ``every_process`` come from ``jaxcifar.parallel`` (``is_main_process()``,
+    ``every_process``); the defaults are a single process's (this module imports no jax: it is read at an
+    interrupt). The command calls ``claim_workdir`` once it has decided to write the workdir; until then
     the lock leaves no trace on disk."""
-    from jaxcifar import parallel  # imports jax; this module is also read at an interrupt, so not at the top
-
     path = check_workdir(workdir)
-    lock = WorkdirLock(path) if parallel.is_main_process() else None
+    lock = WorkdirLock(path) if is_main else None
     refusal = None
     if lock is not None:
         try:
             lock.acquire(claim=False)
         except CheckpointError as e:
             refusal = e
-    if not parallel.every_process(refusal is None):
+    if not every_process(refusal is None):
         raise refusal or CheckpointError(
             f"--workdir {path} is in use by another run (process 0 of this run could not take its lock)"
         )
