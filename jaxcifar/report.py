@@ -34,7 +34,7 @@ from jaxcifar.checkpoint import load_variables, saved_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileError
-from jaxcifar.files import ensure_dir, read_history, save_figure, write_json
+from jaxcifar.files import check_name, ensure_dir, read_history, save_figure, write_json
 from jaxcifar.network import build_model
 
 SPLITS = ("test", "val", "train")
@@ -75,7 +75,7 @@ class Report:
 
 def load_run_config(workdir: str | Path) -> Config:
     """Returns the Config saved in ``workdir/config.json`` (CheckpointError when absent or unreadable)."""
-    path = Path(workdir) / "config.json"
+    path = check_name(workdir, "--workdir") / "config.json"
     if Path(workdir).exists() and not Path(workdir).is_dir():
         raise CheckpointError(f"--workdir {workdir} is a file, not a folder")
     if not Path(workdir).is_dir():
@@ -109,6 +109,8 @@ def make_report(
     Raises ``JaxcifarError`` subclasses for a missing workdir, checkpoint or split, or a bad option.
     """
     options = options or ReportOptions()
+    if out_dir is not None:
+        check_name(out_dir, "--out-dir")
     config = config or load_run_config(workdir)
     history = read_history(workdir)
     dataset = dataset or load_dataset(config)
@@ -193,7 +195,7 @@ def explain(
     ``confusion`` PNGs and ``report.json`` (accuracy, loss, per-class accuracy, confusion matrix, the
     mistakes, ``checkpoint`` as given). Returns the ``Report``; ConfigError for a Grad-CAM layer smaller
     than 5x5 without ``options.allow_small_layer``, DataError for a split the dataset lacks."""
-    if out.exists() and not out.is_dir():
+    if check_name(out, "--out-dir").exists() and not out.is_dir():
         raise RunFileError(f"--out-dir {out} is a file, not a folder")
     data = getattr(dataset, options.split)
     if data is None:
@@ -355,10 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = f"{', '.join(done)} written (complete files)" if done else "no report file written"
         return f"{written} in {out}"
 
-    return cli.run_command(parser.prog, lambda: _report(args), interrupted)
+    memory = f"try a smaller --n (now {args.n}), or run it where more memory is free"
+    return cli.run_command(parser.prog, lambda: _report(args), interrupted, memory)
 
 
 def _report(args: Any) -> int:
+    if args.out_dir is not None:  # before anything is loaded
+        check_name(args.out_dir, "--out-dir")
     try:
         options = ReportOptions(args.n, args.layer, args.split, args.tta, args.allow_small_layer)
         if args.torch_checkpoint is not None:
