@@ -25,11 +25,11 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from jaxcifar.console import GuardedStream
 from tests.test_chaos import RUN, command, history_epochs
 from tests.test_multihost import Proc, env_for, free_port
 from tests.test_user_errors import SYNTHETIC_RUN_ARGS, Case, lr_find, one_error_line, report, train
@@ -144,8 +144,10 @@ def test_train_with_a_closed_stderr_ends_on_sigterm(tmp_path, chaos_env):
 # --- a closed or full stdout: the command goes on without printing --------------------------------------------
 
 
-def _dead_stdout(kind: str) -> tuple[GuardedStream, list[tuple[str, str]], int]:
+def _dead_stdout(kind: str) -> tuple[Any, list[tuple[str, str]], int]:
     """A GuardedStream over a closed pipe or /dev/full; returns (it, what its on_drop heard, its descriptor)."""
+    from jaxcifar.console import GuardedStream
+
     if kind == "closed-pipe":
         read_end, fd = os.pipe()
         os.close(read_end)
@@ -173,6 +175,8 @@ def test_a_guarded_stream_drops_a_dead_console_and_goes_on(kind, reason):
 
 
 def test_a_guarded_stream_prints_names_that_are_not_utf8(tmp_path):
+    from jaxcifar.console import GuardedStream
+
     path = tmp_path / "out.txt"
     with open(path, "w", encoding="utf-8", errors="strict") as stream:
         guarded = GuardedStream(stream, "stdout")
@@ -281,17 +285,24 @@ CASES = [
         r"--data-dir: the name a+\.\.\. is 300 bytes",
     ),
     lr_find("workdir-not-utf8", ["--workdir", f"{{T}}/{NOT_UTF8}"], 2, r"--workdir .*bad\\xffname: .*not valid UTF-8"),
-    report("workdir-not-utf8", ["--workdir", f"{{T}}/{NOT_UTF8}"], 2, r"bad\\xffname: .*not valid UTF-8", "fresh"),
     report("workdir-name-too-long", ["--workdir", f"{{T}}/{LONG}"], 2, "--workdir: the name a+... is 300", "fresh"),
-    report(
-        "out-dir-not-utf8", [*W, "--out-dir", f"{{T}}/{NOT_UTF8}"], 2, r"--out-dir .*bad\\xffname: .*UTF-8", "empty"
-    ),
-    report("out-dir-name-too-long", [*W, "--out-dir", f"{{T}}/{LONG}"], 2, "--out-dir: the name a+... is 300", "empty"),
+    report("out-dir-not-utf8", [*W, "--out-dir", f"{{T}}/{NOT_UTF8}"], 2, r"--out-dir .*bad\\xffname: .*UTF-8"),
+    report("out-dir-name-too-long", [*W, "--out-dir", f"{{T}}/{LONG}"], 2, "--out-dir: the name a+... is 300 bytes"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.prog}-{c.id}" for c in CASES])
 def test_unusable_names_are_refused_in_one_line(case, tmp_path, request, monkeypatch, capfd):
+    check_user_error(case, tmp_path, request, monkeypatch, capfd)
+
+
+def test_report_of_a_run_renamed_to_a_name_not_utf8_is_refused(synthetic_run, tmp_path, request, monkeypatch, capfd):
+    """A finished run whose folder was renamed to a name that is not UTF-8 (orbax cannot restore from it)."""
+    config, _ = synthetic_run
+    shutil.copytree(config.workdir, tmp_path / NOT_UTF8)
+    case = report(
+        "workdir-not-utf8", ["--workdir", f"{{T}}/{NOT_UTF8}"], 2, r"bad\\xffname: .*not valid UTF-8", "fresh"
+    )
     check_user_error(case, tmp_path, request, monkeypatch, capfd)
 
 
@@ -332,13 +343,13 @@ def test_running_out_of_memory_ends_in_one_line(capfd):
         return 0
 
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_command("prog", body, lambda: "nothing saved", "try a smaller --batch-size (now 7)")
+        cli.run_command("prog", body, lambda: "nothing saved")
     assert exit_info.value.code == 1
     out, err = capfd.readouterr()
     assert out == ""
     assert err == (
         "prog: error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 100000000000000 bytes): more than "
-        "this process can have; try a smaller --batch-size (now 7)\n"
+        "this process can have; free memory for it, or run it where more is free\n"
     )
 
 
