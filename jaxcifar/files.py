@@ -97,10 +97,10 @@ def save_figure(figure: Any, path: str | Path, dpi: int = 100) -> None:
 
 def ensure_dir(path: str | Path, flag: str) -> Path:
     """Creates the folder ``path`` (and parents) and returns it; RunFileError when it is a file or unwritable,
-    ConfigError when its name cannot be used (``check_name``).
+    ConfigError when its name is too long (``check_name``; a name that is not UTF-8 is fine for these files).
 
     ``flag`` names the option the path came from, for the message (e.g. ``--workdir``)."""
-    path = check_name(path, flag)
+    path = check_name(path, flag, utf8=False)
     if path.exists() and not path.is_dir():
         raise RunFileError(f"{flag} {path} is a file, not a folder")
     try:

@@ -110,7 +110,7 @@ def make_report(
     """
     options = options or ReportOptions()
     if out_dir is not None:
-        check_name(out_dir, "--out-dir")
+        check_name(out_dir, "--out-dir", utf8=False)
     config = config or load_run_config(workdir)
     history = read_history(workdir)
     dataset = dataset or load_dataset(config)
@@ -195,7 +195,7 @@ def explain(
     ``confusion`` PNGs and ``report.json`` (accuracy, loss, per-class accuracy, confusion matrix, the
     mistakes, ``checkpoint`` as given). Returns the ``Report``; ConfigError for a Grad-CAM layer smaller
     than 5x5 without ``options.allow_small_layer``, DataError for a split the dataset lacks."""
-    if check_name(out, "--out-dir").exists() and not out.is_dir():
+    if check_name(out, "--out-dir", utf8=False).exists() and not out.is_dir():
         raise RunFileError(f"--out-dir {out} is a file, not a folder")
     data = getattr(dataset, options.split)
     if data is None:
@@ -362,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(args: Any) -> int:
-    if args.out_dir is not None:  # before anything is loaded
-        check_name(args.out_dir, "--out-dir")
+    if args.out_dir is not None:  # before anything is loaded (a name that is not UTF-8 is fine: no checkpoint there)
+        check_name(args.out_dir, "--out-dir", utf8=False)
     try:
         options = ReportOptions(args.n, args.layer, args.split, args.tta, args.allow_small_layer)
         if args.torch_checkpoint is not None:
