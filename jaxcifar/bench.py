@@ -831,7 +831,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Both libraries share the GPU: JAX would otherwise take 75 % of its memory when its backend starts
         # (the first jax.devices() below); a value set by the user is kept. No effect once JAX has started.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    return cli.run_command(PROG, lambda: _bench(args), lambda: "nothing measured is kept (the bench writes no files)")
+    return cli.run_command(
+        PROG,
+        lambda: _bench(args),
+        lambda: "nothing measured is kept (the bench writes no files)",
+        f"try a smaller --batch-size (now {args.batch_size})",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """What every command line shares: flags built from the Config dataclass, and endings in one line.
 
 A user error ends as ``PROG: error: MESSAGE`` on stderr with exit code 2 (a bad value: ``ConfigError``
-and argparse errors) or 1 (bad data, workdir or checkpoint: other ``JaxcifarError``s). Ctrl-C (SIGINT)
+and argparse errors) or 1 (bad data, workdir or checkpoint: other ``JaxcifarError``s; running out of
+memory, which the sizes' estimate in ``jaxcifar.sizing`` let through). Ctrl-C (SIGINT)
 and SIGTERM end the command at once, from any point (also inside a compile), with one line saying
 what is saved and exit code 130 (143): see ``run_command`` and ``jaxcifar.interrupts``.
 """
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from jaxcifar import interrupts
+from jaxcifar import console, interrupts
 from jaxcifar.config import Config, flag
 from jaxcifar.errors import ConfigError, JaxcifarError
 
@@ -120,8 +121,8 @@ def configure_logging() -> None:
 
 
 def one_line(message: str) -> str:
-    """Returns ``message`` folded onto one line."""
-    return " ".join(str(message).split())
+    """Returns ``message`` folded onto one line, printable (a name that is not UTF-8 shows its bytes as ``\\xff``)."""
+    return console.printable(" ".join(str(message).split()))
 
 
 def exit_code(error: Exception) -> int:
@@ -129,10 +130,28 @@ def exit_code(error: Exception) -> int:
     return 2 if isinstance(error, ConfigError) else 1
 
 
-def run_command(prog: str, body: Callable[[], int], interrupted: Callable[[], str]) -> int:
+def out_of_memory(error: BaseException) -> str | None:
+    """Returns what ran out of memory, from ``error``: XLA's ``RESOURCE_EXHAUSTED: ...`` (a ``JaxRuntimeError``
+    from a compile, a transfer or a step) or numpy's ``MemoryError`` (host arrays); None for any other error."""
+    if isinstance(error, MemoryError):
+        return one_line(f"{error.__class__.__name__}: {error}").rstrip(".")[:300]
+    text = str(error).lstrip()
+    if error.__class__.__name__ in ("JaxRuntimeError", "XlaRuntimeError") and text.startswith("RESOURCE_EXHAUSTED"):
+        return one_line(text.splitlines()[0]).rstrip(".")[:300]
+    return None
+
+
+def run_command(
+    prog: str,
+    body: Callable[[], int],
+    interrupted: Callable[[], str],
+    memory_hint: str = "free memory for it, or run it where more is free",
+) -> int:
     """Runs a command's ``body`` and returns its exit code; user errors and interrupts end in one line.
 
-    A ``JaxcifarError`` ends as ``PROG: error: ...`` with ``exit_code``. Where the command's
+    A ``JaxcifarError`` ends as ``PROG: error: ...`` with ``exit_code``; running out of memory (``out_of_memory``)
+    as ``PROG: error: out of memory (...); <memory_hint>`` with exit code 1 (a run's checkpoints are
+    committed by then: ``loop.fit`` closes its checkpointer on every way out). Where the command's
     ``__main__`` installed ``jaxcifar.interrupts``, SIGINT/SIGTERM end the process at once with
     ``PROG: interrupted: <interrupted()>`` and exit code 130/143.
     """
@@ -142,5 +161,11 @@ def run_command(prog: str, body: Callable[[], int], interrupted: Callable[[], st
     except JaxcifarError as e:
         interrupts.disarm()
         fail(prog, str(e), exit_code(e))
+    except Exception as e:
+        what = out_of_memory(e)
+        if what is None:
+            raise
+        interrupts.disarm()
+        fail(prog, f"out of memory ({what}): more than this process can have; {memory_hint}")
     interrupts.disarm()
     return code

@@ -16,6 +16,7 @@ import numpy as np
 from jaxcifar import sources
 from jaxcifar.config import Config
 from jaxcifar.errors import DataError
+from jaxcifar.files import check_name
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ def load_dataset(config: Config) -> Dataset:
     Subsets (``train_subset``, ``test_subset``) are stratified samples drawn with ``config.seed``;
     the validation split is carved from the (subset) training split with the same seed.
     """
+    if config.data_dir is not None:
+        check_name(config.data_dir, "--data-dir", utf8=False)
     source = resolve_source(config)
     subset = {"train": config.train_subset, "test": config.test_subset}
 

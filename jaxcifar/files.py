@@ -9,6 +9,7 @@ naming the path and the OS error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -17,7 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jaxcifar.errors import RunFileError
+from jaxcifar.console import printable
+from jaxcifar.errors import ConfigError, RunFileError
+
+NAME_MAX = 255  # bytes in one file or folder name where the file system does not say (Linux, macOS)
+PATH_MAX = 4096  # bytes in a whole path where the file system does not say
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -91,10 +96,11 @@ def save_figure(figure: Any, path: str | Path, dpi: int = 100) -> None:
 
 
 def ensure_dir(path: str | Path, flag: str) -> Path:
-    """Creates the folder ``path`` (and parents) and returns it; RunFileError when it is a file or unwritable.
+    """Creates the folder ``path`` (and parents) and returns it; RunFileError when it is a file or unwritable,
+    ConfigError when its name is too long (``check_name``; a name that is not UTF-8 is fine for these files).
 
     ``flag`` names the option the path came from, for the message (e.g. ``--workdir``)."""
-    path = Path(path)
+    path = check_name(path, flag, utf8=False)
     if path.exists() and not path.is_dir():
         raise RunFileError(f"{flag} {path} is a file, not a folder")
     try:
@@ -102,3 +108,63 @@ def ensure_dir(path: str | Path, flag: str) -> Path:
     except OSError as e:
         raise RunFileError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
     return path
+
+
+def check_name(path: str | Path, flag: str, utf8: bool = True) -> Path:
+    """Returns ``path`` as a Path when the file system (and, with ``utf8``, orbax) can use it as a name.
+
+    Raises ConfigError (one line, naming ``flag``) before anything is read or written: for a file or folder name
+    longer than the file system allows (ENAMETOOLONG: 255 bytes on most), a path longer than it allows, and with
+    ``utf8`` for a name that is not UTF-8 text (orbax writes checkpoints only under UTF-8 paths; Python carries
+    such a name's bytes as surrogate escapes, shown here as ``\\xff``)."""
+    text = os.fspath(path)
+    if utf8:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"{flag} {printable(text)}: the name is not valid UTF-8 text, which the paths of run files need "
+                "(orbax writes checkpoints only under UTF-8 paths); choose a UTF-8 name (e.g. rename the folder)"
+            ) from None
+    name_max, path_max = _limits(Path(text))
+    for part in Path(text).parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            short = printable(part[:24]) + "..."
+            raise ConfigError(
+                f"{flag}: the name {short} is {size} bytes long; this file system allows at most {name_max} bytes in "
+                "a file or folder name"
+            )
+    full = len(os.fsencode(os.path.abspath(text)))
+    if full >= path_max:
+        raise ConfigError(
+            f"{flag}: the path is {full} bytes long (absolute); this file system allows paths of fewer than "
+            f"{path_max} bytes"
+        )
+    try:
+        os.stat(text)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"{flag} {printable(text)[:80]}...: {e.strerror}") from None
+    return Path(text)
+
+
+def _limits(path: Path) -> tuple[int, int]:
+    """Returns (NAME_MAX, PATH_MAX) of the file system holding the nearest existing folder of ``path``."""
+    folder = Path(os.path.abspath(path))
+    while True:
+        try:
+            if folder.is_dir():
+                break
+        except OSError:
+            pass
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    limits = []
+    for name, default in (("PC_NAME_MAX", NAME_MAX), ("PC_PATH_MAX", PATH_MAX)):
+        try:
+            limits.append(int(os.pathconf(folder, name)) or default)
+        except (OSError, ValueError):
+            limits.append(default)
+    return limits[0], limits[1]

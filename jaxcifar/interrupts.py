@@ -6,7 +6,9 @@ within milliseconds even while the main thread sits inside XLA (a compile, a tra
 Python signal handlers. The watcher prints ``PROG: interrupted: <what is saved>`` and ends the process
 with ``os._exit`` without unwinding: a checkpoint being written survives this as it survives
 ``kill -9`` (orbax commits a checkpoint by renaming a finished temporary folder, and every other run
-file is replaced atomically), and nothing can hang or crash on the way out.
+file is replaced atomically), and nothing can hang or crash on the way out. The ending never depends
+on the line: it is written as well as the console allows (a name that is not UTF-8 shows as ``\xff``;
+a closed or full stderr gets nothing), and ``os._exit`` follows whatever happened.
 
 This module imports only the standard library, so a command can install it before its heavy imports
 (``jax`` takes seconds to import) and be interruptible from its first moment.
@@ -21,6 +23,8 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn
 
+from jaxcifar import console
+
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 _state: dict[str, object] = {"installed": False, "prog": "", "describe": lambda: "nothing written yet"}
@@ -31,7 +35,8 @@ def install(prog: str) -> None:
     """Makes SIGINT/SIGTERM end this process with one line ``PROG: interrupted: <what is saved>``.
 
     For a command's ``__main__`` only (a library must not take over a notebook's or test runner's
-    Ctrl-C); ``describe`` sets what the line says. Only from the main thread.
+    Ctrl-C); ``describe`` sets what the line says. Only from the main thread. Also guards the console
+    (``console.guard``): a closed or full stdout or stderr no longer ends the command.
     """
     _state["prog"] = prog
     if _state["installed"] or threading.current_thread() is not threading.main_thread():
@@ -40,6 +45,7 @@ def install(prog: str) -> None:
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     except (AttributeError, ValueError):
         pass
+    console.guard(prog)
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     for signum in EXIT_CODES:
@@ -99,9 +105,10 @@ def _end(signum: int) -> None:
     if not _ending.acquire(blocking=False):
         return
     try:
-        message = _state["describe"]()  # type: ignore[operator]
-    except Exception as e:  # the process must end whatever the description does
-        message = f"({e.__class__.__name__} while checking what is saved)"
-    line = " ".join(f"{_state['prog']}: interrupted: {message}".split())
-    os.write(2, (line + "\n").encode())
-    os._exit(EXIT_CODES.get(signum, 130))
+        try:
+            message = _state["describe"]()  # type: ignore[operator]
+        except Exception as e:  # the process must end whatever the description does
+            message = f"({e.__class__.__name__} while checking what is saved)"
+        console.write_line(2, " ".join(f"{_state['prog']}: interrupted: {message}".split()))
+    finally:  # whatever the line did: ending never depends on printing
+        os._exit(EXIT_CODES.get(signum, 130))

@@ -248,9 +248,13 @@ def mesh_and_model(config: Config) -> tuple[Mesh, nn.Module]:
 
 def checked_dataset(config: Config, dataset: Dataset | None, restored: Restored | None) -> Dataset:
     """Returns ``dataset`` (default: loaded from ``config``) after checking that it fits the run: its
-    class count, and for a resumed run the steps per epoch the run was made with."""
+    class count, for a resumed run the steps per epoch the run was made with, and in a multi-process run
+    that every process loaded the same data (``parallel.check_same_data``)."""
     if dataset is None:
         dataset = load_dataset(config)
+    for name, split in (("train", dataset.train), ("validation", dataset.val), ("test", dataset.test)):
+        if split is not None:
+            parallel.check_same_data(f"the {name} split", split.images, split.labels)
     if dataset.num_classes != config.num_classes:
         raise ConfigError(
             f"dataset has {dataset.num_classes} classes, --dataset {config.dataset} needs {config.num_classes}"

@@ -155,6 +155,7 @@ def _lr_find(config: Config, dataset: Dataset | None, out_dir: str | Path | None
     sizing.check_fits(config, model, list(mesh.devices.flat))
     dataset = dataset or load_dataset(config)
     on_all = parallel.replicated(mesh)
+    parallel.check_same_data("the train split", dataset.train.images, dataset.train.labels)
     train = DeviceSplit.put(dataset.train, on_all)
     n_steps, start, end = config.lr_find_steps, config.lr_find_start, config.lr_find_end
     schedule = optax.exponential_decay(start, transition_steps=n_steps - 1, decay_rate=end / start)
@@ -241,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.prog,
         lambda: _run(config),
         lambda: f"the range test did not finish; nothing written to {config.workdir}",
+        f"try a smaller --batch-size (now {config.batch_size})",
     )
 
 

@@ -36,8 +36,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcifar import interrupts
-from jaxcifar.errors import ConfigError, JaxcifarError
+from jaxcifar import console, interrupts
+from jaxcifar.errors import ConfigError, DataError, JaxcifarError
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +383,43 @@ def check_same_config(config: Any) -> None:
     _watch.checked.add(key)
 
 
+def data_fingerprint(*arrays: np.ndarray) -> np.ndarray:
+    """Returns int32 (3 * len(arrays),): the length, byte count and CRC-32 of each array (host memory, ~1 GB/s)."""
+    values = []
+    for array in arrays:
+        data = np.ascontiguousarray(array)
+        values += [len(data), data.nbytes, zlib.crc32(memoryview(data).cast("B"))]
+    return np.array([v & 0x7FFFFFFF for v in values], np.int32)
+
+
+def data_mismatch(what: str, every: np.ndarray) -> str | None:
+    """Returns the one-line error for ``every`` (process_count, k) int32 ``data_fingerprint``s of ``what``
+    (e.g. ``the train split``) gathered from every process, or None when all processes hold the same data."""
+    odd = [p for p in range(every.shape[0]) if not np.array_equal(every[p], every[0])]
+    if not odd:
+        return None
+    sizes = ", ".join(f"process {p}: {int(every[p, 0])}" for p in [0, *odd])
+    return (
+        f"--distributed: the processes hold different data for {what}: process {', '.join(map(str, odd))} loaded other "
+        f"images or labels than process 0 (images {sizes}); every process must load the same data: give every host "
+        "the same files (--data-dir may differ, its contents may not)"
+    )
+
+
+def check_same_data(what: str, *arrays: np.ndarray) -> None:
+    """Raises DataError, in every process alike, when the processes of a multi-process run hold different
+    ``arrays`` for ``what`` (one collective on their ``data_fingerprint``s). Nothing to do in one process. For
+    host data about to be replicated over every process's devices (``jax.device_put`` would otherwise fail with
+    every process's arrays printed in full)."""
+    if jax.process_count() == 1:
+        return
+    with _quiet_stdout():
+        every = _allgather(data_fingerprint(*arrays))
+    message = data_mismatch(what, every)
+    if message is not None:
+        raise DataError(message)
+
+
 # --- the end ------------------------------------------------------------------------------------------------
 
 
@@ -596,7 +633,9 @@ def _end(message: str | None, code: int) -> None:
     (from any thread), unless the process is already ending (its own error or interrupt line said the last word)."""
     if not interrupts._ending.acquire(blocking=False):
         return
-    if message is not None:
-        prog = interrupts._state.get("prog") or "jaxcifar"
-        os.write(2, (" ".join(f"{prog}: error: {message}".split()) + "\n").encode())
-    os._exit(code)
+    try:
+        if message is not None:
+            prog = interrupts._state.get("prog") or "jaxcifar"
+            console.write_line(2, " ".join(f"{prog}: error: {message}".split()))
+    finally:  # the process ends whatever the line did (a closed stderr, a name that is not UTF-8)
+        os._exit(code)

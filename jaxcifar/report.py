@@ -38,7 +38,7 @@ from jaxcifar.checkpoint import load_variables, saved_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileError
-from jaxcifar.files import ensure_dir, read_history, save_figure, write_json
+from jaxcifar.files import check_name, ensure_dir, read_history, save_figure, write_json
 from jaxcifar.network import build_model
 from jaxcifar.workdir import WorkdirLock
 from jaxcifar.writers import TensorBoardWriter
@@ -87,7 +87,7 @@ class Report:
 
 def load_run_config(workdir: str | Path) -> Config:
     """Returns the Config saved in ``workdir/config.json`` (CheckpointError when absent or unreadable)."""
-    path = Path(workdir) / "config.json"
+    path = check_name(workdir, "--workdir") / "config.json"
     if Path(workdir).exists() and not Path(workdir).is_dir():
         raise CheckpointError(f"--workdir {workdir} is a file, not a folder")
     if not Path(workdir).is_dir():
@@ -140,6 +140,8 @@ def _make_report(
     out_dir: str | Path | None,
 ) -> Report:
     options = options or ReportOptions()
+    if out_dir is not None:
+        check_name(out_dir, "--out-dir", utf8=False)
     config = config or load_run_config(workdir)
     history = read_history(workdir)
     dataset = dataset or load_dataset(config)
@@ -224,7 +226,7 @@ def explain(
     ``confusion`` PNGs and ``report.json`` (accuracy, loss, per-class accuracy, confusion matrix, the
     mistakes, ``checkpoint`` as given). Returns the ``Report``; ConfigError for a Grad-CAM layer smaller
     than 5x5 without ``options.allow_small_layer``, DataError for a split the dataset lacks."""
-    if out.exists() and not out.is_dir():
+    if check_name(out, "--out-dir", utf8=False).exists() and not out.is_dir():
         raise RunFileError(f"--out-dir {out} is a file, not a folder")
     data = getattr(dataset, options.split)
     if data is None:
@@ -448,10 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = f"{', '.join(done)} written (complete files)" if done else "no report file written"
         return f"{written} in {out}"
 
-    return cli.run_command(parser.prog, lambda: _report(args), interrupted)
+    memory = f"try a smaller --n (now {args.n}), or run it where more memory is free"
+    return cli.run_command(parser.prog, lambda: _report(args), interrupted, memory)
 
 
 def _report(args: Any) -> int:
+    if args.out_dir is not None:  # before anything is loaded (a name that is not UTF-8 is fine: no checkpoint there)
+        check_name(args.out_dir, "--out-dir", utf8=False)
     try:
         methods = tuple(m.strip() for m in args.cam.split(",") if m.strip()) if args.cam else ()
         options = ReportOptions(args.n, args.layer, args.split, args.tta, args.allow_small_layer, cam_methods=methods)

@@ -271,6 +271,11 @@ def decode_image(path: Path, resize: bool) -> np.ndarray:
                     )
                 image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             return np.asarray(image, np.uint8)
+    except Image.DecompressionBombError as e:  # not an OSError: Pillow refuses to decode so many pixels
+        raise DataError(
+            f"{path}: unreadable image: too many pixels to decode safely ({e.__class__.__name__}: {e}); "
+            f"expected {IMAGE_SIZE}x{IMAGE_SIZE} images"
+        ) from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: unreadable image ({e.__class__.__name__})") from e
 

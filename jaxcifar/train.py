@@ -40,8 +40,9 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
         run(config, started=started)
         return 0
 
+    memory = f"try a smaller --batch-size (now {config.batch_size}) or --eval-batch-size (now {config.eval_batch_size})"
     return cli.run_command(
-        parser.prog, body, lambda: describe_saved(config.workdir, epochs=config.epochs, report=config.report)
+        parser.prog, body, lambda: describe_saved(config.workdir, epochs=config.epochs, report=config.report), memory
     )
 
 

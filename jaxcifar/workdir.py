@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from jaxcifar.errors import CheckpointError
+from jaxcifar.files import check_name
 
 LOCK_NAME = ".lock"
 
 
 def check_workdir(workdir: str | Path) -> Path:
-    """Returns ``workdir`` as a Path; CheckpointError when it exists and is not a folder."""
-    path = Path(workdir)
+    """Returns ``workdir`` as a Path; ConfigError when its name cannot hold a run (``files.check_name``: too long,
+    not UTF-8), CheckpointError when it exists and is not a folder."""
+    path = check_name(workdir, "--workdir")
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"--workdir {path} is a file, not a folder")
     return path
