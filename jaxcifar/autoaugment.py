@@ -213,9 +213,13 @@ def sample(rng: jax.Array, batch: int, spec: PolicySpec) -> tuple[jax.Array, jax
 
 def apply(images: jax.Array, ops: jax.Array, magnitudes: jax.Array, spec: PolicySpec = NO_POLICY) -> jax.Array:
     """Applies each image's steps (``sample``'s output, (B, S)) in order. Returns uint8 (B, H, W, C)."""
-    for s in range(ops.shape[1]):
-        images = augment_ops.apply_op(images, ops[:, s], magnitudes[:, s], spec.interpolation, spec.fill)
-    return images
+    if ops.shape[1] == 0:
+        return images
+
+    def step(batch: jax.Array, op_and_magnitude: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        return augment_ops.apply_op(batch, *op_and_magnitude, spec.interpolation, spec.fill), None
+
+    return jax.lax.scan(step, images, (ops.T, magnitudes.T))[0]  # one compiled op body for all S steps
 
 
 def augment(rng: jax.Array, images: jax.Array, spec: PolicySpec) -> jax.Array:
