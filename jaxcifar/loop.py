@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxcifar import backend, optim, parallel, sizing, steps
+from jaxcifar.augmentation import AugmentSpec
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
 from jaxcifar.config import Config
@@ -276,7 +277,7 @@ def set_up(
     train_step = steps.make_train_step(
         dataset.mean,
         dataset.std,
-        config.augment,
+        AugmentSpec.from_config(config),
         config.cutout_size,
         config.label_smoothing,
         mesh=mesh,

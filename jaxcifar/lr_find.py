@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from jaxcifar import backend, cli, optim, parallel, sizing, steps
+from jaxcifar.augmentation import AugmentSpec
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
@@ -155,7 +156,13 @@ def lr_find(
     state = jax.device_put(create_train_state(model, tx, config.seed), on_all)
     mix = MixSpec(config.mixup_alpha, config.cutmix_alpha, config.mix_prob)
     train_step = steps.make_train_step(
-        dataset.mean, dataset.std, config.augment, config.cutout_size, config.label_smoothing, mesh=mesh, mix=mix
+        dataset.mean,
+        dataset.std,
+        AugmentSpec.from_config(config),
+        config.cutout_size,
+        config.label_smoothing,
+        mesh=mesh,
+        mix=mix,
     )
     gather = make_gather_batch(mesh)
     steps_per_epoch = len(train) // config.batch_size

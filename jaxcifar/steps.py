@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxcifar import backend, parallel, transforms
+from jaxcifar.augmentation import AugmentSpec, augment_batch
 from jaxcifar.batches import Batch
 from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
 from jaxcifar.state import TrainState
@@ -60,13 +61,16 @@ def train_step(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    augment: str = "crop-flip",
+    augment: str | AugmentSpec = "crop-flip",
     cutout_size: int = 8,
     label_smoothing: float = 0.0,
     mix: MixSpec = NO_MIX,
     ema_decay: float | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step: augment (+ MixUp/CutMix) + normalize on the device, train-mode forward, update.
+
+    ``augment`` is an ``AugmentSpec`` (crop, flip, policy, erasing, ...; ``jaxcifar.augmentation``) or one of
+    ``transforms.AUGMENT_MODES`` with ``cutout_size``.
 
     Returns the new state and ``{"loss_sum", "correct", "count", "skipped"}`` (float32 scalars) of the
     batch; under mixing, ``correct`` counts agreement with each image's dominant label. With ``ema_decay``
@@ -82,7 +86,7 @@ def train_step(
     ``skipped`` is 0 without a dynamic scale.
     """
     step_key = jax.random.fold_in(state.rng, state.step)
-    images = transforms.augment(step_key, batch["image"], augment, cutout_size)
+    images = augment_batch(step_key, batch["image"], augment_spec(augment, cutout_size), mean)
     images = transforms.normalize(images, mean, std)
     labels = batch["label"]
     images, lam = mix_batch(jax.random.fold_in(step_key, 1), images, state.step, mix)
@@ -176,10 +180,15 @@ def eval_step(
     return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
+def augment_spec(augment: str | AugmentSpec, cutout_size: int = 8) -> AugmentSpec:
+    """``augment`` itself, or the ``AugmentSpec`` of an ``AUGMENT_MODES`` name and cutout size."""
+    return augment if isinstance(augment, AugmentSpec) else AugmentSpec(mode=augment, cutout_size=cutout_size)
+
+
 def make_train_step(
     mean: Sequence[float],
     std: Sequence[float],
-    augment: str = "crop-flip",
+    augment: str | AugmentSpec = "crop-flip",
     cutout_size: int = 8,
     label_smoothing: float = 0.0,
     mesh: Mesh | None = None,
