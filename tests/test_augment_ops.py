@@ -102,19 +102,24 @@ def test_blends_equal_torchvision_within_one_level(images, name):
 
 
 def _affine_params(i: int) -> tuple[float, list[int], float, list[float]]:
-    """Image i's (angle, translate, scale, shear): 16 angles incl. +-90 and 180, shifts, scales, shears."""
+    """Image i's (angle, translate, scale, shear): 16 angles incl. +-90 and 180, shifts, scales, shears; every
+    8th a zoom by 2 alone (scale 2 or 0.5: every source coordinate an exact tie, rounded half to even)."""
+    if i % 8 == 7:
+        return 0.0, [i % 3 - 1, 0], [2.0, 0.5][(i // 8) % 2], [0.0, 0.0]
     angle = float([0, 90, -90, 180, 13.3, -47.0, 135.0, 30.0][i % 8] + (i // 32) * 7.5)
     return angle, [i % 7 - 3, (i * 5) % 9 - 4], [1.0, 0.8, 1.25, 1.1][i % 4], [float(i % 5) * 4.0, -float(i % 3) * 5.0]
 
 
 def _nearest_ties(params: tuple, height: int = 32, width: int = 32) -> np.ndarray:
-    """bool (H, W): output pixels whose float64 source coordinate is within 1e-4 of a rounding tie (NEAREST_TIE)."""
+    """bool (H, W): output pixels whose float64 source coordinate is within 1e-4 of a rounding tie but not
+    exactly on it (NEAREST_TIE; exact ties are exact in float32 too, and both sides round them half to even)."""
     angle, translate, scale, shear = params
     m = _get_inverse_affine_matrix([0.0, 0.0], angle, [float(t) for t in translate], scale, shear)
     xs, ys = np.meshgrid(np.arange(width) - (width - 1) / 2, np.arange(height) - (height - 1) / 2)
     px = m[0] * xs + m[1] * ys + m[2] + (width - 1) / 2
     py = m[3] * xs + m[4] * ys + m[5] + (height - 1) / 2
-    return (np.abs(px - np.floor(px) - 0.5) < 1e-4) | (np.abs(py - np.floor(py) - 0.5) < 1e-4)
+    near = [(np.abs(p - np.floor(p) - 0.5) < 1e-4) & (p - np.floor(p) != 0.5) for p in (px, py)]
+    return near[0] | near[1]
 
 
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
@@ -325,6 +330,7 @@ def test_random_erasing_matches_torchvision_distribution():
     erased = out[..., 0] == 0
     rows, cols = erased.any(2).sum(1), erased.any(1).sum(1)
     np.testing.assert_array_equal(erased.sum((1, 2)), rows * cols)  # one rectangle each
+    assert rows.max() < h and cols.max() < w  # torchvision keeps only boxes strictly inside the image
     torch.manual_seed(0)
     reference = tv2.RandomErasing(p=1.0)
     boxes = np.array([[p["h"], p["w"]] for p in (reference.make_params([torch.zeros(1, h, w)]) for _ in range(n))])

@@ -92,12 +92,20 @@ def test_coarse_dropout_fills_holes_of_the_size_range_with_the_mean(images):
     np.testing.assert_array_equal(untouched, flat)
 
 
-def test_random_erasing_mean_fill_and_probability(images):
-    spec = AugmentSpec(mode="none", random_erasing=1.0, random_erasing_fill="mean")
+@pytest.mark.parametrize(
+    "spec",
+    [
+        AugmentSpec(mode="none", random_erasing=1.0, random_erasing_fill="mean"),
+        AugmentSpec(mode="none", coarse_dropout=1.0, coarse_dropout_size=(4, 8)),
+    ],
+    ids=["random-erasing", "coarse-dropout"],
+)
+def test_pipeline_fills_with_the_dataset_mean(spec):
+    """Random erasing (fill mean) and coarse dropout through the pipeline, p = 1: boxes of the mean levels."""
     flat = jnp.full((64, 32, 32, 3), 7, jnp.uint8)
     out = np.asarray(jax.jit(augment_batch, static_argnums=(2, 3))(jax.random.PRNGKey(6), flat, spec, MEAN))
     erased = (out != 7).any(-1)
-    assert erased.any((1, 2)).mean() > 0.9  # p = 1: all but the (rare) images where no draw fits
+    assert erased.any((1, 2)).mean() > 0.9  # p = 1: all but the (rare) images where no erasing draw fits
     np.testing.assert_array_equal(out[erased], np.broadcast_to(np.float32(mean_levels(MEAN)), out[erased].shape))
 
 
