@@ -47,7 +47,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = (
         if annotation == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif annotation.startswith("tuple"):
-            kwargs.update(type=int, nargs="+", metavar="EPOCH")
+            kwargs.update(type=int, nargs="+", metavar=f.metadata.get("metavar", "EPOCH"))
         elif f.metadata.get("parse") == "lr":
             kwargs.update(type=parse_lr, metavar="LR|auto")
         else:

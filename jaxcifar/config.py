@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxcifar import models, transforms
+from jaxcifar import augment_ops, augmentation, autoaugment, models, transforms
 from jaxcifar.backend import CONV_IMPLS
 from jaxcifar.errors import ConfigError
 from jaxcifar.files import read_json, write_json
@@ -95,6 +95,50 @@ class Config:
         "Instead of a coin per image and step, flip each training image on every other epoch: a fixed coin per "
         "image decides epoch 1, then the whole set flips on alternate epochs (airbench). Needs an --augment "
         "that flips.",
+    )
+    policy: str = _field(
+        "none",
+        "Auto-augment policy after crop and flip, per image on the device, as torchvision defines it: autoaugment "
+        "(AutoAugment's CIFAR-10 policy, 25 sub-policies), randaugment (--randaugment-n ops at magnitude "
+        "--randaugment-m), trivialaugment (TrivialAugmentWide: one op at a random magnitude).",
+        choices=autoaugment.POLICIES,
+    )
+    randaugment_n: int = _field(2, "randaugment: number of ops per image (torchvision's num_ops).")
+    randaugment_m: int = _field(9, "randaugment: magnitude bin, in [0, --policy-bins) (torchvision's magnitude).")
+    policy_bins: int = _field(31, "randaugment and trivialaugment: number of magnitude bins (num_magnitude_bins).")
+    interpolation: str = _field(
+        "nearest",
+        "Sampling of the geometric ops of --policy and --affine-* (torchvision's default: nearest).",
+        choices=augment_ops.INTERPOLATIONS,
+    )
+    affine_degrees: float = _field(0.0, "Random affine: rotation uniform in [-D, D] degrees, in [0, 180]; 0 = none.")
+    affine_translate: float = _field(
+        0.0, "Random affine: shift uniform in [-T, T] times the image size (rounded to pixels), in [0, 1)."
+    )
+    affine_scale: float = _field(0.0, "Random affine: scale uniform in [1 - S, 1 + S], in [0, 1).")
+    affine_shear: float = _field(0.0, "Random affine: x shear uniform in [-D, D] degrees, in [0, 60].")
+    affine_prob: float = _field(
+        1.0, "Random affine (with any --affine-* above 0): probability per image, in [0, 1]; black outside."
+    )
+    random_erasing: float = _field(
+        0.0,
+        "Random erasing (torchvision's RandomErasing: a box of 0.02-0.33 of the image, aspect ratio 0.3-3.3): "
+        "probability per image, in [0, 1]; 0 = off.",
+    )
+    random_erasing_fill: str = _field(
+        "black",
+        "Random erasing's value: black (torchvision on uint8 images) or mean (the dataset mean, as torchvision's "
+        "value=0 after Normalize).",
+        choices=augmentation.FILLS,
+    )
+    coarse_dropout: float = _field(
+        0.0, "Coarse dropout (holes filled with the dataset mean): probability per image, in [0, 1]; 0 = off."
+    )
+    coarse_dropout_holes: tuple[int, ...] = _field(
+        (1, 1), "Coarse dropout: MIN MAX number of holes per image.", metavar="N"
+    )
+    coarse_dropout_size: tuple[int, ...] = _field(
+        (16, 16), "Coarse dropout: MIN MAX side of a hole in pixels (height and width drawn apart).", metavar="PX"
     )
     # Optimization.
     epochs: int = _field(20, "Number of training epochs.")
@@ -284,6 +328,19 @@ class Config:
             "decoupled_weight_decay",
             "needs a numeric --lr (the decay per step is computed from it)",
         )
+        _check(self.policy_bins >= 2, "policy_bins", "must be >= 2")
+        _check(0 <= self.randaugment_m < self.policy_bins, "randaugment_m", "must be in [0, --policy-bins)")
+        _check(0 <= self.randaugment_n <= 16, "randaugment_n", "must be in [0, 16]")
+        _check(0.0 <= self.affine_degrees <= 180.0, "affine_degrees", "must be in [0, 180]")
+        _check(0.0 <= self.affine_translate < 1.0, "affine_translate", "must be in [0, 1)")
+        _check(0.0 <= self.affine_scale < 1.0, "affine_scale", "must be in [0, 1)")
+        _check(0.0 <= self.affine_shear <= 60.0, "affine_shear", "must be in [0, 60]")
+        for name in ("affine_prob", "random_erasing", "coarse_dropout"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
+        for name, most in (("coarse_dropout_holes", 64), ("coarse_dropout_size", 32)):
+            low_high = getattr(self, name)
+            ok = len(low_high) == 2 and 1 <= low_high[0] <= low_high[1] <= most
+            _check(ok, name, f"must be two integers MIN MAX with 1 <= MIN <= MAX <= {most}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.log_every >= 1, "log_every", "must be >= 1")
         _check(self.num_devices >= 0, "num_devices", "must be >= 0 (0 = all)")
@@ -301,8 +358,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Returns the fields as a JSON-serializable dict."""
         d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Config:

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxcifar import backend, optim, parallel, sizing, steps, testhooks
+from jaxcifar.augmentation import AugmentSpec
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
 from jaxcifar.config import Config
@@ -299,14 +300,12 @@ def set_up(
     train_step = steps.make_train_step(
         dataset.mean,
         dataset.std,
-        config.augment,
+        AugmentSpec.from_config(config),
         config.cutout_size,
         config.label_smoothing,
         mesh=mesh,
         mix=mix,
         ema_decay=config.ema_decay,
-        crop_padding=config.crop_padding,
-        pad_mode=config.pad_mode,
         flip_epoch_steps=steps_per_epoch if config.alternating_flip else 0,
         lookahead=steps.Lookahead(config.lookahead_every, config.lookahead_decay, config.epochs * steps_per_epoch),
     )

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jaxcifar import backend, cli, optim, parallel, sizing, steps
+from jaxcifar.augmentation import AugmentSpec
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
@@ -166,13 +167,11 @@ def _lr_find(config: Config, dataset: Dataset | None, out_dir: str | Path | None
     train_step = steps.make_train_step(
         dataset.mean,
         dataset.std,
-        config.augment,
+        AugmentSpec.from_config(config),
         config.cutout_size,
         config.label_smoothing,
         mesh=mesh,
         mix=mix,
-        crop_padding=config.crop_padding,
-        pad_mode=config.pad_mode,
     )
     gather = make_gather_batch(mesh)
     steps_per_epoch = len(train) // config.batch_size

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxcifar import backend, parallel, transforms
+from jaxcifar.augmentation import AugmentSpec, augment_batch
 from jaxcifar.batches import Batch
 from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
 from jaxcifar.state import TrainState
@@ -89,7 +90,7 @@ def train_step(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    augment: str = "crop-flip",
+    augment: str | AugmentSpec = "crop-flip",
     cutout_size: int = 8,
     label_smoothing: float = 0.0,
     mix: MixSpec = NO_MIX,
@@ -101,11 +102,13 @@ def train_step(
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step: augment (+ MixUp/CutMix) + normalize on the device, train-mode forward, update.
 
+    ``augment`` is an ``AugmentSpec`` (crop, flip, policy, erasing, ...; ``jaxcifar.augmentation``) or one of
+    ``transforms.AUGMENT_MODES`` with ``cutout_size``, ``crop_padding`` and ``pad_mode``.
+
     Returns the new state and ``{"loss_sum", "correct", "count", "skipped"}`` (float32 scalars) of the
     batch; under mixing, ``correct`` counts agreement with each image's dominant label. With ``ema_decay``
-    the state's EMA weights are updated after the step. The crop pads by ``crop_padding`` pixels filled as
-    ``pad_mode``. ``flip_epoch_steps`` > 0 (the steps per epoch) turns on the alternating flip
-    (``transforms.alternating_flip`` of ``batch["index"]`` at epoch ``step // flip_epoch_steps``);
+    the state's EMA weights are updated after the step. ``flip_epoch_steps`` > 0 (the steps per epoch)
+    turns on the alternating flip (``transforms.alternating_flip`` of ``batch["index"]`` at epoch ``step // flip_epoch_steps``);
     ``lookahead.every`` > 0 applies ``lookahead_update`` after the step (the state keeps ``lookahead``).
 
     With ``state.dynamic_scale`` (float16) the gradients come from ``DynamicScale.value_and_grad`` (loss
@@ -122,7 +125,8 @@ def train_step(
     if flip_epoch_steps:
         coin_key = jax.random.fold_in(state.rng, _FLIP_COINS)
         flip = transforms.alternating_flip(coin_key, batch["index"], state.step // flip_epoch_steps)
-    images = transforms.augment(step_key, batch["image"], augment, cutout_size, crop_padding, pad_mode, flip)
+    spec = augment_spec(augment, cutout_size, crop_padding, pad_mode)
+    images = augment_batch(step_key, batch["image"], spec, mean, flip)
     images = transforms.normalize(images, mean, std)
     labels = batch["label"]
     images, lam = mix_batch(jax.random.fold_in(step_key, 1), images, state.step, mix)
@@ -217,10 +221,20 @@ def eval_step(
     return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
+def augment_spec(
+    augment: str | AugmentSpec, cutout_size: int = 8, crop_padding: int = 4, pad_mode: str = "zeros"
+) -> AugmentSpec:
+    """``augment`` itself (which then carries its own crop settings), or the ``AugmentSpec`` of an
+    ``AUGMENT_MODES`` name with this cutout size and crop padding."""
+    if isinstance(augment, AugmentSpec):
+        return augment
+    return AugmentSpec(mode=augment, cutout_size=cutout_size, crop_padding=crop_padding, pad_mode=pad_mode)
+
+
 def make_train_step(
     mean: Sequence[float],
     std: Sequence[float],
-    augment: str = "crop-flip",
+    augment: str | AugmentSpec = "crop-flip",
     cutout_size: int = 8,
     label_smoothing: float = 0.0,
     mesh: Mesh | None = None,
