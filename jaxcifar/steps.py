@@ -108,7 +108,8 @@ def train_step(
     Returns the new state and ``{"loss_sum", "correct", "count", "skipped"}`` (float32 scalars) of the
     batch; under mixing, ``correct`` counts agreement with each image's dominant label. With ``ema_decay``
     the state's EMA weights are updated after the step. ``flip_epoch_steps`` > 0 (the steps per epoch)
-    turns on the alternating flip (``transforms.alternating_flip`` of ``batch["index"]`` at epoch ``step // flip_epoch_steps``);
+    turns on the alternating flip (``transforms.alternating_flip`` of ``batch["index"]`` at epoch
+    ``step // flip_epoch_steps``);
     ``lookahead.every`` > 0 applies ``lookahead_update`` after the step (the state keeps ``lookahead``).
 
     With ``state.dynamic_scale`` (float16) the gradients come from ``DynamicScale.value_and_grad`` (loss
