@@ -201,7 +201,7 @@ def inverse_affine_matrix(
     translate: tuple[jax.Array, jax.Array],
     scale: jax.Array,
     shear: tuple[jax.Array, jax.Array],
-    center: tuple[jax.Array, jax.Array] = (F32(0.0), F32(0.0)),
+    center: tuple[jax.Array, jax.Array] = (np.float32(0.0), np.float32(0.0)),  # numpy: no backend at import
 ) -> jax.Array:
     """torchvision's ``_get_inverse_affine_matrix`` in float32 for scalar parameters (degrees, pixels).
 
