@@ -96,9 +96,13 @@ def test_float16_run_reaches_the_float32_loss(runs):
     (_, f32, f32_skipped), (state, f16, f16_skipped) = runs["float32"], runs["float16"]
     assert abs(f16[0] - f32[0]) <= U * f32[0]  # same initial weights: only forward rounding differs
     assert f32[-LAST:].mean() < 0.3 and f16[-LAST:].mean() < 0.3  # both learned (from ~2.4)
-    # no overflow at the default scale on this problem: every step applied, the scale is where it started
-    assert f32_skipped.sum() == 0 and f16_skipped.sum() == 0
-    assert float(state.dynamic_scale.scale) == 2.0**16 and int(state.dynamic_scale.fin_steps) == STEPS
+    # at most one overflow at the default scale on this problem (jax 0.10.2: none; jax 0.12.0.1 with numpy 2.5.5:
+    # step 7 on the code before and after this change): the scale halved once per skipped step, and counts the
+    # finite steps since the last skip
+    skips = np.flatnonzero(f16_skipped)
+    assert f32_skipped.sum() == 0 and len(skips) <= 1, skips
+    assert float(state.dynamic_scale.scale) == 2.0 ** (16 - len(skips))
+    assert int(state.dynamic_scale.fin_steps) == STEPS - (skips[-1] + 1 if len(skips) else 0)
     # float16 steps on the float32 run's weights, step by step: agreement within float16 rounding
     rel = np.abs(runs["shadow"] - f32) / f32
     assert rel.max() <= 5 * U, np.round(rel / U, 2)
