@@ -173,12 +173,15 @@ def metrics(workdir: Path) -> list[dict[str, float]]:
     return [{k: v for k, v in record.items() if k.endswith(("_loss", "_acc"))} for record in history]
 
 
-def assert_same_history(a: list[dict[str, float]], b: list[dict[str, float]], rel: float) -> None:
+def assert_same_history(a: list[dict[str, float]], b: list[dict[str, float]], rel: float, flips: int = 0) -> None:
+    """Equal histories within ``rel``; an accuracy may also differ by ``flips`` predictions of its split."""
     assert len(a) == len(b) == RUN["epochs"]
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for key in x:
-            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-7), key
+            images = RUN["train_subset"] if key.startswith("train") else RUN["test_subset"]
+            slack = flips / images if key.endswith("_acc") else 0.0
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=max(1e-7, slack + 1e-7)), key
 
 
 def one_line(proc: Proc) -> str:
@@ -361,7 +364,9 @@ def test_two_processes_train_as_one_run(two_process_run):
     for step in two:
         rel = 1e-6 if step <= 2 else 1e-5 if step <= 6 else 1e-2
         assert two[step] == pytest.approx(one[step], rel=rel), step
-    assert_same_history(metrics(workdir), metrics(reference), rel=1e-2)
+    # an accuracy counts argmaxes: under that drift one prediction may flip (jax 0.10.2 in a fresh environment of
+    # 2026-12-03: train_acc 26/256 vs 27/256 in epoch 1, also on the code before that day's workdir-lock change)
+    assert_same_history(metrics(workdir), metrics(reference), rel=1e-2, flips=1)
     print(f"2 processes: {seconds:.1f}s")
 
 
