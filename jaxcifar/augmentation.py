@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 
 from jaxcifar import augment_ops, autoaugment, transforms
 from jaxcifar.autoaugment import NO_POLICY, PolicySpec
-
-if TYPE_CHECKING:
-    from jaxcifar.config import Config
 
 FILLS = ("black", "mean")
 
@@ -56,8 +53,8 @@ class AugmentSpec:
         return bool(moves) and self.affine_prob > 0
 
     @classmethod
-    def from_config(cls, config: Config) -> AugmentSpec:
-        """The settings of a run's ``Config``."""
+    def from_config(cls, config: Any) -> AugmentSpec:
+        """The settings of a run's ``jaxcifar.config.Config`` (not imported here: config imports this module)."""
         return cls(
             mode=config.augment,
             cutout_size=config.cutout_size,
