@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from tests import torch_support
 from tests.archive import first_per_class
 
 # Unit tests compare numbers, not speed: skip XLA's expensive optimization passes.
@@ -33,6 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(
     os.environ.get("JAXCIFAR_SHARED_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Tells ``torch_support.require`` which test is running (set-up, call and teardown)."""
+    torch_support.running.append(item)
+    try:
+        yield
+    finally:
+        torch_support.running.remove(item)
 
 
 # The tests use at most a few hundred real images per split; unpacking the first files of every

@@ -27,6 +27,7 @@ import pytest
 
 from tests.torch_support import require
 
+pytestmark = pytest.mark.torch
 torch = require("torch")
 tv2 = require("torchvision.transforms.v2")
 

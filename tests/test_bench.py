@@ -178,6 +178,7 @@ def test_bad_flags_end_with_one_line_and_exit_code_2(argv, flag, capsys):
     assert len(err) == 1 and flag in err[0] and err[0].startswith(bench.PROG)
 
 
+@pytest.mark.torch
 def test_tiny_compare_torch_run_times_the_same_architecture(monkeypatch, capsys):
     torch = require("torch")
     built = []
@@ -260,6 +261,7 @@ def test_torch_runs_on_cuda_when_jax_runs_on_a_gpu_and_torch_has_cuda(requested,
     assert bench.select_torch_device(_fake_torch(cuda), requested, jax_platform) == expected
 
 
+@pytest.mark.torch
 def test_torch_device_cuda_without_cuda_is_one_clear_error(capsys):
     with pytest.raises(DataError, match=r"^--torch-device cuda: torch.cuda.is_available\(\) is False"):
         bench.select_torch_device(_fake_torch(False), "cuda", "gpu")
@@ -273,6 +275,7 @@ def test_torch_device_cuda_without_cuda_is_one_clear_error(capsys):
     assert len(err) == 1 and err[0].startswith(f"{bench.PROG}: error: --torch-device cuda: ")
 
 
+@pytest.mark.torch
 def test_torch_crop_flip_matches_a_numpy_crop_then_mirror():
     torch = require("torch")
     rng = np.random.default_rng(0)
@@ -326,6 +329,7 @@ def _tiny_torch_net(*args, **kwargs):
     )
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_torch_compile_reports_compile_time_apart_from_the_timed_steps(monkeypatch, capsys):
     torch = require("torch")
@@ -350,6 +354,7 @@ def test_torch_compile_reports_compile_time_apart_from_the_timed_steps(monkeypat
     assert f"torch {torch.__version__} torch.compile" in table and "warning" not in table
 
 
+@pytest.mark.torch
 def test_torch_compile_failure_is_one_clear_line(monkeypatch, capsys):
     torch = require("torch")
     _fake_jax_side(monkeypatch)
@@ -370,6 +375,7 @@ def test_torch_compile_failure_is_one_clear_line(monkeypatch, capsys):
     ]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("dtype", "scaling"), [("bfloat16", None), ("float16", "torch.amp.GradScaler")])
 def test_torch_half_precision_runs_under_autocast(dtype, scaling, monkeypatch, capsys):
     """The same code path as on CUDA (the device is a variable): autocast, and float16's loss scaling."""

@@ -27,6 +27,7 @@ import pytest
 
 from tests.torch_support import require
 
+pytestmark = pytest.mark.torch
 torch = require("torch")
 pgc = require("pytorch_grad_cam")
 

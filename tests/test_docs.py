@@ -62,6 +62,7 @@ def code_blocks(path: Path) -> list[Block]:
 BLOCKS = [block for path in DOCS for block in code_blocks(path)]
 PYTHON = [b for b in BLOCKS if b.language == "python"]
 TRAINS = re.compile(r"\b(fit|run|make_report)\(")  # a block that trains or reports is an end-to-end run: slow tier
+USES_TORCH = re.compile(r"^\s*import torch|torch_resnet", re.MULTILINE)
 BASH = [b for b in BLOCKS if b.language == "bash"]
 
 
@@ -90,7 +91,17 @@ def test_the_blocks_are_found():
 
 @pytest.mark.parametrize(
     "block",
-    [pytest.param(b, marks=[pytest.mark.slow] if TRAINS.search(b.text) else []) for b in PYTHON],
+    [
+        pytest.param(
+            b,
+            marks=[
+                mark
+                for mark, needed in ((pytest.mark.slow, TRAINS), (pytest.mark.torch, USES_TORCH))
+                if needed.search(b.text)
+            ],
+        )
+        for b in PYTHON
+    ],
     ids=lambda b: b.name,
 )
 def test_python_block_runs_as_written(block: Block, request, tmp_path, monkeypatch):
@@ -98,7 +109,7 @@ def test_python_block_runs_as_written(block: Block, request, tmp_path, monkeypat
     if block.options == NO_RUN:
         return
     assert block.options == "", f"{block.name}: unknown fence options {block.options!r} (only {NO_RUN})"
-    if re.search(r"^\s*import torch|torch_resnet", block.text, re.MULTILINE):
+    if USES_TORCH.search(block.text):
         torch_support.require("torch")
     if "data/cifar10-jpeg" in block.text:
         (tmp_path / "data").mkdir()

@@ -15,6 +15,7 @@ from jaxcifar.config import Config
 from jaxcifar.errors import ConfigError
 from jaxcifar.models.airbench import WHITEN_EPS, patch_second_moment, whitening_kernel
 from jaxcifar.state import TrainState, create_train_state, init_variables, param_count
+from tests import torch_support
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -279,11 +280,12 @@ def test_presets_parse_as_the_cli_reads_them_and_flags_override(preset):
     assert config == Config.load(path).replace(epochs=2)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("name", "frozen"), [("resnet9", 0), ("airbench", 2 * 2 * 3 * 24)])
 def test_pytorch_twins_have_the_same_trainable_parameters(name, frozen):
     """The bench's PyTorch twins: the Flax model's parameter count, less the frozen whitening filters (Flax keeps
     them in params, frozen by the optimizer; the twin sets requires_grad False); same logits shape."""
-    torch = pytest.importorskip("torch")
+    torch = torch_support.require("torch")
     from jaxcifar import torch_fast
 
     net = torch_fast.twin(name, width=8)

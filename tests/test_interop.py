@@ -195,6 +195,7 @@ def test_reading_a_checkpoint_without_torch_says_how_to_install(monkeypatch, tmp
         interop.load_torch_checkpoint(tmp_path / "ckpt.pth")
 
 
+@pytest.mark.torch
 def test_unreadable_checkpoint_files(tmp_path) -> None:
     require("torch")
     with pytest.raises(CheckpointError, match="not found"):
@@ -217,6 +218,7 @@ def _save_kuangliu_checkpoint(path: Path, name: str = "resnet18", width: int = 8
     return path
 
 
+@pytest.mark.torch
 def test_report_cli_explains_a_pytorch_checkpoint(shared_data_dir, tmp_path, capsys) -> None:
     checkpoint = _save_kuangliu_checkpoint(tmp_path / "ckpt.pth")
     argv = ["--torch-checkpoint", str(checkpoint), "--data-dir", str(shared_data_dir), "--subset", "60", "--n", "4"]
@@ -241,6 +243,7 @@ def test_report_cli_explains_a_pytorch_checkpoint(shared_data_dir, tmp_path, cap
     }
 
 
+@pytest.mark.torch
 def test_report_cli_torch_flag_errors(tmp_path, capsys) -> None:
     checkpoint = _save_kuangliu_checkpoint(tmp_path / "r34.pth", name="resnet34", width=4)
     cases = [
@@ -260,6 +263,7 @@ def test_report_cli_torch_flag_errors(tmp_path, capsys) -> None:
         assert text in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", ["resnet18", "resnet34"])
 def test_torch_resnet_state_dict_has_the_layout_interop_converts(name: str) -> None:
     """jaxcifar.torch_resnet (the --compare-torch model, the equivalence tests' reference) has exactly the keys
@@ -273,6 +277,7 @@ def test_torch_resnet_state_dict_has_the_layout_interop_converts(name: str) -> N
     assert list(interop.to_torch_state_dict(interop.load_torch_state_dict(state_dict, name))) == list(state_dict)
 
 
+@pytest.mark.torch
 def test_torch_resnet_pools_globally_as_the_flax_model() -> None:
     """At 40x40 layer4 is 5x5: global pooling (both models) differs from kuangliu's avg_pool2d(out, 4)."""
     torch = require("torch")

@@ -25,6 +25,7 @@ import pytest
 
 from tests.torch_support import require
 
+pytestmark = pytest.mark.torch
 torch = require("torch")
 
 from jaxcifar import gradcam, interop, models, optim, steps, transforms  # noqa: E402
