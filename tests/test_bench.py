@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxcifar import bench, measure, models, torch_bench, torch_resnet
+from jaxcifar.config import Config
 from jaxcifar.errors import DataError
 from jaxcifar.sizing import param_count
 from tests.torch_support import require
@@ -217,6 +218,27 @@ def test_tiny_compare_torch_run_times_the_same_architecture(monkeypatch, capsys)
     for net in built:
         assert sum(p.numel() for p in net.parameters()) == jax_params
         assert net.linear.out_features == measure.NUM_CLASSES and net.conv1.out_channels == 4
+
+
+def test_model_flags_are_trainings_and_a_config_file_sets_them(tmp_path, capsys):
+    """--model, --width, --batch-size, --dtype and --conv-impl come from cli.add_config_flags (Config's help and
+    choices); the bench's --batch-size default stays 128; --config takes them from a run's config.json and
+    flags override it; the old spelling --conv still works (argparse's unique prefix of --conv-impl)."""
+    spec, args = bench.parse_spec(bench.build_parser(), [])
+    assert spec == measure.BenchSpec() and spec.batch_size == 128 and not args.json
+    assert spec.config() == Config(batch_size=128, eval_batch_size=128, augment="crop-flip")
+    path = tmp_path / "config.json"
+    Config(model="resnet9", width=8, batch_size=64, dtype="bfloat16", conv_impl="lax", epochs=3).save(path)
+    spec, _ = bench.parse_spec(bench.build_parser(), ["--config", str(path), "--width", "4", "--steps", "2"])
+    assert spec == measure.BenchSpec(
+        model="resnet9", width=4, batch_size=64, dtype="bfloat16", conv_impl="lax", steps=2
+    )
+    assert bench.parse_spec(bench.build_parser(), ["--conv", "matmul"])[0].conv_impl == "matmul"
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in bench.CONFIG_FLAGS:
+        assert " ".join(Config.__dataclass_fields__[name].metadata["help"].split()) in shown, name
 
 
 def test_compare_torch_without_torch_is_one_clear_line(monkeypatch, capsys):

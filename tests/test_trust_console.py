@@ -111,6 +111,29 @@ def test_distributed_end_happens_when_its_line_cannot_be_written(tmp_path):
     assert code == 1
 
 
+ENDING = """
+import sys
+from jaxcifar import interrupts
+def broken():
+    raise RuntimeError("no workdir")
+interrupts.describe(broken)
+interrupts.end("--distributed: lost process 1 of 2; " + interrupts.what_is_saved(), 3)
+print("not ended", flush=True)
+"""
+
+
+def test_end_says_one_line_with_what_is_saved_and_ends_with_its_code():
+    """``interrupts.end`` (the watchdog's ending, public): ``PROG: error: MESSAGE`` (``jaxcifar`` when no command
+    installed the module), exit with the code given; ``what_is_saved`` turns a failing description into words."""
+    process = subprocess.run(
+        [sys.executable, "-c", ENDING], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60
+    )
+    assert process.returncode == 3 and process.stdout == b""
+    assert process.stderr == (
+        b"jaxcifar: error: --distributed: lost process 1 of 2; (RuntimeError while checking what is saved)\n"
+    )
+
+
 @pytest.mark.slow
 def test_train_with_a_closed_stderr_ends_on_sigterm(tmp_path, chaos_env):
     """The real command: stderr a closed pipe, SIGTERM right after the ``model:`` line (before the compile)."""
