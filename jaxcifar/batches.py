@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxcifar import parallel
 from jaxcifar.data import Split
+from jaxcifar.mesh import batch_sharded
 
 # {"image": uint8 (B, H, W, 3), "label": int32 (B,)[, "mask": bool (B,), "index": int32 (B,)]}
 Batch = dict[str, jax.Array]
@@ -74,4 +74,4 @@ def make_gather_batch(mesh: Mesh | None) -> Callable[[jax.Array, jax.Array, jax.
     device gathers its own slice from its replica of the split), or ``gather_batch`` without a mesh."""
     if mesh is None:
         return gather_batch
-    return jax.jit(take_batch, out_shardings=parallel.batch_sharded(mesh))
+    return jax.jit(take_batch, out_shardings=batch_sharded(mesh))

@@ -10,6 +10,11 @@ file is replaced atomically), and nothing can hang or crash on the way out. The 
 on the line: it is written as well as the console allows (a name that is not UTF-8 shows as ``\xff``;
 a closed or full stderr gets nothing), and ``os._exit`` follows whatever happened.
 
+The same ending serves other threads that must stop the process at once (``jaxcifar.watchdog``: a lost
+process of a multi-process run): ``end(message, code)``. Whichever comes first, an interrupt or such an
+ending, says the last line; the others return without a word. ``prog()`` and ``what_is_saved()`` give
+them the command's name and what it has saved, as the interrupt line says them.
+
 This module imports only the standard library, so a command can install it before its heavy imports
 (``jax`` takes seconds to import) and be interruptible from its first moment.
 """
@@ -94,6 +99,28 @@ def disarm() -> None:
         _ending.acquire(blocking=False)
 
 
+def prog() -> str:
+    """Returns the command's name given to ``install`` (e.g. ``python -m jaxcifar.train``), or ``jaxcifar``
+    when no command installed this module (a library user, a test)."""
+    return str(_state["prog"]) or "jaxcifar"
+
+
+def what_is_saved() -> str:
+    """Returns what the command says it has saved (the function given to ``describe``; ``nothing written
+    yet`` before that). Never raises: an error while asking becomes ``(KIND while checking what is saved)``."""
+    try:
+        return str(_state["describe"]())  # type: ignore[operator]
+    except Exception as e:  # the process must end whatever the description does
+        return f"({e.__class__.__name__} while checking what is saved)"
+
+
+def end(message: str | None, code: int) -> None:
+    """Ends this process at once with exit ``code`` (``os._exit``, from any thread), after the line
+    ``PROG: error: message`` on stderr (no line when ``message`` is None). Returns without doing anything
+    when the process is already ending: an interrupt, another ``end`` or ``disarm`` said the last word."""
+    _end_process(lambda: None if message is None else f"error: {message}", code)
+
+
 def _watch(read_fd: int) -> None:
     while True:
         for signum in os.read(read_fd, 64):
@@ -102,13 +129,17 @@ def _watch(read_fd: int) -> None:
 
 
 def _end(signum: int) -> None:
+    _end_process(lambda: f"interrupted: {what_is_saved()}", EXIT_CODES.get(signum, 130))
+
+
+def _end_process(words: Callable[[], str | None], code: int) -> None:
+    """Writes ``PROG: <words()>`` (unless None) as one line on stderr and ends the process with ``code``,
+    once: only the first caller (of any thread) gets here."""
     if not _ending.acquire(blocking=False):
         return
     try:
-        try:
-            message = _state["describe"]()  # type: ignore[operator]
-        except Exception as e:  # the process must end whatever the description does
-            message = f"({e.__class__.__name__} while checking what is saved)"
-        console.write_line(2, " ".join(f"{_state['prog']}: interrupted: {message}".split()))
+        text = words()
+        if text is not None:
+            console.write_line(2, " ".join(f"{prog()}: {text}".split()))
     finally:  # whatever the line did: ending never depends on printing
-        os._exit(EXIT_CODES.get(signum, 130))
+        os._exit(code)

@@ -28,7 +28,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxcifar import backend, optim, parallel, sizing, steps, testhooks
+from jaxcifar import backend, distributed, optim, sizing, steps, testhooks
 from jaxcifar.augmentation import AugmentSpec
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
@@ -37,6 +37,8 @@ from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, DivergedError
 from jaxcifar.evaluation import Evaluator
 from jaxcifar.files import ensure_dir
+from jaxcifar.mesh import check_divisible, make_mesh, replicated
+from jaxcifar.mesh import describe as describe_mesh
 from jaxcifar.mixing import MixSpec
 from jaxcifar.network import build_model, data_init
 from jaxcifar.sources import default_cache_dir
@@ -138,7 +140,7 @@ def restore(config: Config, model: Any, meta: dict[str, Any], mesh: Mesh, workdi
     state, meta = restored
     if jax.process_count() > 1:  # arrays on this process's device cannot move to other hosts' devices: from host
         state = jax.device_get(state)
-    state = jax.device_put(state, parallel.replicated(mesh))
+    state = jax.device_put(state, replicated(mesh))
     return Restored(state, list(meta["history"]), float(meta["best"]), steps_per_epoch, checkpointer.unreadable)
 
 
@@ -160,16 +162,16 @@ def fit(
     """
     timing = timing or Timing()
     if config.distributed:  # first: what follows may be collective, and every process must run this config
-        parallel.initialize_distributed(config)
+        distributed.initialize(config)
     with holding(
-        config.workdir, is_main=parallel.is_main_process(), every_process=parallel.every_process
+        config.workdir, is_main=distributed.is_main_process(), every_process=distributed.every_process
     ) as workdir:  # before anything is read from the workdir or decided about it
         return _fit(config, workdir, dataset, verbose, timing)
 
 
 def _fit(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, timing: Timing) -> FitResult:
     """``fit`` once the workdir's lock is held."""
-    shown, verbose = verbose, verbose and parallel.is_main_process()  # other processes print their devices line
+    shown, verbose = verbose, verbose and distributed.is_main_process()  # other processes print their devices line
     config, meta = check_resume(config, workdir, verbose)
     if meta is None or int(meta["epoch"]) < config.epochs:
         claim_workdir(workdir)  # decided: this command trains in the workdir (a refused one names its pid)
@@ -186,7 +188,7 @@ def _fit(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, 
             verbose,
         )
         return FitResult(restored.state, restored.history)
-    echo(parallel.describe(mesh), shown)
+    echo(describe_mesh(mesh), shown)
     with timing.phase("data"):
         dataset = checked_dataset(config, dataset, restored)
     testhooks.pause("after-data")
@@ -201,7 +203,7 @@ def _fit(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, 
                 lookahead=config.lookahead_every > 0,
                 init_params=data_init(model, dataset),
             )
-            state, history, best = jax.device_put(state, parallel.replicated(mesh)), [], -1.0
+            state, history, best = jax.device_put(state, replicated(mesh)), [], -1.0
     else:
         state, history, best = restored.state, restored.history, restored.best
         echo(f"resume: epoch {len(history)} (step {int(state.step)}) from {workdir}", verbose)
@@ -237,10 +239,10 @@ def mesh_and_model(config: Config) -> tuple[Mesh, nn.Module]:
     """Returns the device mesh of ``config`` (after ``jax.distributed`` start-up with ``--distributed``)
     and its model; ConfigError when the batch sizes do not divide over the devices or cannot fit."""
     if config.distributed:
-        parallel.initialize_distributed(config)
-    mesh = parallel.make_mesh(config.num_devices)
-    parallel.check_divisible(config.batch_size, mesh, "--batch-size")
-    parallel.check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
+        distributed.initialize(config)
+    mesh = make_mesh(config.num_devices)
+    check_divisible(config.batch_size, mesh, "--batch-size")
+    check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
     devices = list(mesh.devices.flat)
     model = build_model(config, devices)
     sizing.check_fits(config, model, devices)
@@ -250,12 +252,12 @@ def mesh_and_model(config: Config) -> tuple[Mesh, nn.Module]:
 def checked_dataset(config: Config, dataset: Dataset | None, restored: Restored | None) -> Dataset:
     """Returns ``dataset`` (default: loaded from ``config``) after checking that it fits the run: its
     class count, for a resumed run the steps per epoch the run was made with, and in a multi-process run
-    that every process loaded the same data (``parallel.check_same_data``)."""
+    that every process loaded the same data (``distributed.check_same_data``)."""
     if dataset is None:
         dataset = load_dataset(config)
     for name, split in (("train", dataset.train), ("validation", dataset.val), ("test", dataset.test)):
         if split is not None:
-            parallel.check_same_data(f"the {name} split", split.images, split.labels)
+            distributed.check_same_data(f"the {name} split", split.images, split.labels)
     if dataset.num_classes != config.num_classes:
         raise ConfigError(
             f"dataset has {dataset.num_classes} classes, --dataset {config.dataset} needs {config.num_classes}"
@@ -285,7 +287,7 @@ def set_up(
     steps compiled for ``state`` (once per run), the history writer (``history.json`` rewritten as
     ``history`` stands) and the checkpointer of ``workdir``. ``timing`` gets the compile seconds."""
     timing = timing or Timing()
-    on_all = parallel.replicated(mesh)
+    on_all = replicated(mesh)
     train = DeviceSplit.put(dataset.train, on_all)
     splits = {"test": DeviceSplit.put(dataset.test, on_all)}
     if dataset.val is not None:

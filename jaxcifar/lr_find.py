@@ -26,13 +26,14 @@ import jax
 import numpy as np
 import optax
 
-from jaxcifar import backend, cli, optim, parallel, sizing, steps
+from jaxcifar import backend, cli, distributed, optim, sizing, steps
 from jaxcifar.augmentation import AugmentSpec
 from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import JaxcifarError
 from jaxcifar.files import write_json
+from jaxcifar.mesh import check_divisible, make_mesh, replicated
 from jaxcifar.mixing import MixSpec
 from jaxcifar.network import build_model, data_init
 from jaxcifar.plots import plot_lr_find
@@ -150,13 +151,13 @@ def lr_find(
 def _lr_find(config: Config, dataset: Dataset | None, out_dir: str | Path | None, verbose: bool) -> LRFindResult:
     if config.compile_cache:
         backend.enable_compile_cache(default_cache_dir() / "xla")
-    mesh = parallel.make_mesh(config.num_devices)
-    parallel.check_divisible(config.batch_size, mesh, "--batch-size")
+    mesh = make_mesh(config.num_devices)
+    check_divisible(config.batch_size, mesh, "--batch-size")
     model = build_model(config, list(mesh.devices.flat))
     sizing.check_fits(config, model, list(mesh.devices.flat))
     dataset = dataset or load_dataset(config)
-    on_all = parallel.replicated(mesh)
-    parallel.check_same_data("the train split", dataset.train.images, dataset.train.labels)
+    on_all = replicated(mesh)
+    distributed.check_same_data("the train split", dataset.train.images, dataset.train.labels)
     train = DeviceSplit.put(dataset.train, on_all)
     n_steps, start, end = config.lr_find_steps, config.lr_find_start, config.lr_find_end
     schedule = optax.exponential_decay(start, transition_steps=n_steps - 1, decay_rate=end / start)

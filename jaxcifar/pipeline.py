@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxcifar import parallel, testhooks
+from jaxcifar import distributed, testhooks
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.loop import check_resume, echo, fit
@@ -52,19 +52,19 @@ def run(
     timing = Timing(started)
     timing.add("startup", time.perf_counter() - timing.started)
     if config.distributed:  # first: every later step may be collective; one config for every process
-        parallel.initialize_distributed(config)
+        distributed.initialize(config)
     with holding(
-        config.workdir, is_main=parallel.is_main_process(), every_process=parallel.every_process
+        config.workdir, is_main=distributed.is_main_process(), every_process=distributed.every_process
     ) as workdir:  # one lock over the whole command; fit and lr_find take it again
         result = _run(config, workdir, dataset, verbose, timing)
     if config.distributed:
-        parallel.finish_distributed()  # waits for every process: none of them ends before the others are done
+        distributed.finish()  # waits for every process: none of them ends before the others are done
     return result
 
 
 def _run(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, timing: Timing) -> RunResult:
     """``run`` once the workdir's lock is held."""
-    main = verbose and parallel.is_main_process()  # one run: its lines come from process 0 (fit: devices from all)
+    main = verbose and distributed.is_main_process()  # one run: its lines come from process 0 (fit: devices from all)
     config, meta = check_resume(config, workdir, verbose=False)  # fails before any work
     finished = meta is not None and int(meta["epoch"]) >= config.epochs
     # A finished run resumed with --report: the report is what is left when a previous command did not write it.
@@ -77,7 +77,7 @@ def _run(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, 
             dataset = dataset or load_dataset(config)
         with timing.phase("lr_find"):
             found = lr_find(
-                config, dataset, out_dir=config.workdir if parallel.is_main_process() else None, verbose=main
+                config, dataset, out_dir=config.workdir if distributed.is_main_process() else None, verbose=main
             )
         echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see lr_find.png", main)
         config = config.replace(lr=found.suggestion)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcifar import analysis, cam, cam_metrics, cli, gradcam, interop, models, optim, parallel, plots, transforms
+from jaxcifar import analysis, cam, cam_metrics, cli, distributed, gradcam, interop, models, optim, plots, transforms
 from jaxcifar.checkpoint import load_variables, saved_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
@@ -129,7 +129,7 @@ def make_report(
 def reading(workdir: str | Path) -> contextlib.AbstractContextManager[Any]:
     """Returns the shared lock of a training workdir for a report (nothing in the other processes of a
     multi-process run: process 0 holds the run's lock, and they read its checkpoint with it)."""
-    return WorkdirLock(workdir, shared=True) if parallel.is_main_process() else contextlib.nullcontext()
+    return WorkdirLock(workdir, shared=True) if distributed.is_main_process() else contextlib.nullcontext()
 
 
 def _make_report(

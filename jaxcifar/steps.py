@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxcifar import backend, parallel, transforms
+from jaxcifar import backend, transforms
 from jaxcifar.augmentation import AugmentSpec, augment_batch
 from jaxcifar.batches import Batch
+from jaxcifar.mesh import batch_sharded, replicated
 from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
 from jaxcifar.state import TrainState
 
@@ -273,7 +274,7 @@ def make_train_step(
     options = backend.compiler_options() if xla_options is None else xla_options
     if mesh is None:
         return jax.jit(step, donate_argnums=0, compiler_options=options)
-    rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    rep, data = replicated(mesh), batch_sharded(mesh)
     return jax.jit(step, donate_argnums=0, in_shardings=(rep, data), out_shardings=(rep, rep), compiler_options=options)
 
 
@@ -299,5 +300,5 @@ def make_eval_step(
     options = backend.compiler_options() if xla_options is None else xla_options
     if mesh is None:
         return jax.jit(step, compiler_options=options)
-    rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    rep, data = replicated(mesh), batch_sharded(mesh)
     return jax.jit(step, in_shardings=(rep, data), out_shardings=rep, compiler_options=options)

@@ -13,7 +13,8 @@ import jaxlib
 import numpy as np
 import pytest
 
-from jaxcifar import bench, models, torch_resnet
+from jaxcifar import bench, measure, models, torch_bench, torch_resnet
+from jaxcifar.config import Config
 from jaxcifar.errors import DataError
 from jaxcifar.sizing import param_count
 from tests.torch_support import require
@@ -26,8 +27,8 @@ PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 def test_tiny_run_ends_with_one_json_line_and_mfu_against_a_known_peak(monkeypatch, capsys):
     """With a peak for this runner's device kind (a fake table entry), MFU = the step's FLOPs / median time / peak."""
     first = jax.devices()[0]  # the bench runs on JAX's first device, whatever the runner has
-    fake = bench.Peak("Fake chip", "^" + first.device_kind + "$", 1e12, None, 4e12, None, "float32", "a test")
-    monkeypatch.setattr(bench, "PEAKS", (fake,))
+    fake = measure.Peak("Fake chip", "^" + first.device_kind + "$", 1e12, None, 4e12, None, "float32", "a test")
+    monkeypatch.setattr(measure, "PEAKS", (fake,))
     assert bench.main([*TINY, "--conv", "lax", "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     table, result = "\n".join(out[:-1]), json.loads(out[-1])
@@ -75,10 +76,10 @@ def test_tiny_run_ends_with_one_json_line_and_mfu_against_a_known_peak(monkeypat
     ],
 )
 def test_peak_table_matches_device_kinds_to_dense_datasheet_peaks(device_kind, name, float32, bfloat16, float16):
-    assert bench.find_peak(device_kind).name == name
-    assert bench.find_peak(device_kind.lower()).name == name  # case-insensitive
+    assert measure.find_peak(device_kind).name == name
+    assert measure.find_peak(device_kind.lower()).name == name  # case-insensitive
     for dtype, value in (("float32", float32), ("bfloat16", bfloat16), ("float16", float16)):
-        peak = bench.peak_flops(device_kind, dtype)
+        peak = measure.peak_flops(device_kind, dtype)
         if value is None:
             assert peak["flops_per_s"] is None and peak["basis"].startswith(f"unknown: {name} has no {dtype} peak")
         else:
@@ -87,35 +88,35 @@ def test_peak_table_matches_device_kinds_to_dense_datasheet_peaks(device_kind, n
 
 @pytest.mark.parametrize("device_kind", ["cpu", "NVIDIA L40S", "NVIDIA GH200 480GB", "TPU v4 lite", "Radeon", ""])
 def test_peak_is_unknown_for_devices_outside_the_table(device_kind):
-    assert bench.find_peak(device_kind) is None
-    assert bench.peak_flops(device_kind, "float32") == {
+    assert measure.find_peak(device_kind) is None
+    assert measure.peak_flops(device_kind, "float32") == {
         "flops_per_s": None,
         "basis": f"unknown: no peak known for device kind {device_kind!r}",
     }
-    assert bench.mfu(10**9, 5.0, None) is None
+    assert measure.mfu(10**9, 5.0, None) is None
 
 
 def test_a_mig_slice_has_no_known_peak():
     """A MIG instance reports its parent's name plus the slice; the whole chip's peak would understate MFU."""
-    peak = bench.peak_flops("NVIDIA A100-SXM4-40GB MIG 1g.5gb", "bfloat16")
+    peak = measure.peak_flops("NVIDIA A100-SXM4-40GB MIG 1g.5gb", "bfloat16")
     assert peak["flops_per_s"] is None and "MIG slice" in peak["basis"]
 
 
 def test_full_float32_uses_the_fp32_peak_where_there_is_one():
-    h100 = bench.peak_flops("NVIDIA H100 80GB HBM3", "float32", full_float32=True)
+    h100 = measure.peak_flops("NVIDIA H100 80GB HBM3", "float32", full_float32=True)
     assert h100["flops_per_s"] == 67e12 and "dense FP32 peak 67 TFLOP/s" in h100["basis"]
-    assert "TF32 tensor core peak 494.5" in bench.peak_flops("NVIDIA H100 80GB HBM3", "float32")["basis"]
-    assert bench.peak_flops("TPU v4", "float32", full_float32=True)["flops_per_s"] is None  # multi-pass: no figure
-    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16", full_float32=True)["flops_per_s"] == 989.5e12
+    assert "TF32 tensor core peak 494.5" in measure.peak_flops("NVIDIA H100 80GB HBM3", "float32")["basis"]
+    assert measure.peak_flops("TPU v4", "float32", full_float32=True)["flops_per_s"] is None  # multi-pass: no figure
+    assert measure.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16", full_float32=True)["flops_per_s"] == 989.5e12
 
 
 def test_mfu_is_achieved_flops_over_peak():
     # 2 GFLOP in 4 ms = 500 GFLOP/s; on a 1 TFLOP/s device that is half of the peak
-    assert bench.mfu(2 * 10**9, 4.0, 1e12) == pytest.approx(0.5)
+    assert measure.mfu(2 * 10**9, 4.0, 1e12) == pytest.approx(0.5)
     # ResNet18 train step at batch 512 (1.704 TFLOP) in 13.514 ms on an H200, float32 (TF32 494.5 TFLOP/s)
-    h200 = bench.peak_flops("NVIDIA H200", "float32")["flops_per_s"]
-    assert bench.mfu(1_704_446_656_512, 13.514, h200) == pytest.approx(126.124e12 / 494.5e12, rel=1e-4)
-    summary = bench._summary({"ms_per_step": 4.0, "min_ms": 3.0, "cpu_ms_per_step": 8.0}, 16, 2 * 10**9, None, 1e12)
+    h200 = measure.peak_flops("NVIDIA H200", "float32")["flops_per_s"]
+    assert measure.mfu(1_704_446_656_512, 13.514, h200) == pytest.approx(126.124e12 / 494.5e12, rel=1e-4)
+    summary = measure.summary({"ms_per_step": 4.0, "min_ms": 3.0, "cpu_ms_per_step": 8.0}, 16, 2 * 10**9, None, 1e12)
     assert summary["mfu"] == 0.5 and summary["gflops_per_s"] == 500.0 and summary["images_per_s"] == 4000.0
 
 
@@ -139,7 +140,7 @@ def test_tiny_model_flops_match_a_hand_count():
     """Multiply-adds per image: 16*16*27*4 + 16*16*2*6 + 15*14*(2*3*6)*5 + 5*10."""
     macs = 16 * 16 * 27 * 4 + 16 * 16 * 2 * 6 + 15 * 14 * 36 * 5 + 5 * 10
     assert macs == 68_570
-    forward, train = bench.count_flops(_Tiny(), batch_size=3)
+    forward, train = measure.count_flops(_Tiny(), batch_size=3)
     assert forward == 2 * 3 * macs
     assert train == 3 * forward - 2 * 3 * 16 * 16 * 27 * 4  # no input gradient of the first conv
 
@@ -149,7 +150,7 @@ def test_resnet18_flops_match_a_hand_count():
     then per stage (stride-2 conv + 1x1 shortcut + 3 convs) 3 x 134,217,728, dense 512*10."""
     macs = 32 * 32 * 27 * 64 + 4 * 32 * 32 * 576 * 64 + 3 * 134_217_728 + 512 * 10
     assert macs == 555_422_720
-    forward, train = bench.count_flops(models.get_model("resnet18"), batch_size=2)
+    forward, train = measure.count_flops(models.get_model("resnet18"), batch_size=2)
     assert forward == 2 * 2 * macs
     assert train == 3 * forward - 2 * 2 * 32 * 32 * 27 * 64  # no input gradient of the first conv
 
@@ -206,7 +207,7 @@ def test_tiny_compare_torch_run_times_the_same_architecture(monkeypatch, capsys)
     assert formats == {"channels_last", "contiguous"}
     assert measured["version"] == torch.__version__ and measured["threads"] == result["threads"]
     assert result["versions"]["torch"] == torch.__version__ and f"torch {torch.__version__} eager" in table
-    assert measured["steps"] == bench.TORCH_STEPS and measured["compile"] is None and measured["autocast"] is None
+    assert measured["steps"] == torch_bench.TORCH_STEPS and measured["compile"] is None and measured["autocast"] is None
     assert result["xla_python_client_preallocate"] == "false"  # JAX leaves GPU memory to PyTorch
     if not torch.cuda.is_available():  # here: the CPU, with no CUDA details
         assert measured["device"] == "cpu" and measured["device_name"] == "cpu"
@@ -217,7 +218,28 @@ def test_tiny_compare_torch_run_times_the_same_architecture(monkeypatch, capsys)
     assert len(built) == 2
     for net in built:
         assert sum(p.numel() for p in net.parameters()) == jax_params
-        assert net.linear.out_features == bench.NUM_CLASSES and net.conv1.out_channels == 4
+        assert net.linear.out_features == measure.NUM_CLASSES and net.conv1.out_channels == 4
+
+
+def test_model_flags_are_trainings_and_a_config_file_sets_them(tmp_path, capsys):
+    """--model, --width, --batch-size, --dtype and --conv-impl come from cli.add_config_flags (Config's help and
+    choices); the bench's --batch-size default stays 128; --config takes them from a run's config.json and
+    flags override it; the old spelling --conv still works (argparse's unique prefix of --conv-impl)."""
+    spec, args = bench.parse_spec(bench.build_parser(), [])
+    assert spec == measure.BenchSpec() and spec.batch_size == 128 and not args.json
+    assert spec.config() == Config(batch_size=128, eval_batch_size=128, augment="crop-flip")
+    path = tmp_path / "config.json"
+    Config(model="resnet9", width=8, batch_size=64, dtype="bfloat16", conv_impl="lax", epochs=3).save(path)
+    spec, _ = bench.parse_spec(bench.build_parser(), ["--config", str(path), "--width", "4", "--steps", "2"])
+    assert spec == measure.BenchSpec(
+        model="resnet9", width=4, batch_size=64, dtype="bfloat16", conv_impl="lax", steps=2
+    )
+    assert bench.parse_spec(bench.build_parser(), ["--conv", "matmul"])[0].conv_impl == "matmul"
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in bench.CONFIG_FLAGS:
+        assert " ".join(Config.__dataclass_fields__[name].metadata["help"].split()) in shown, name
 
 
 def test_compare_torch_without_torch_is_one_clear_line(monkeypatch, capsys):
@@ -258,13 +280,13 @@ def _fake_torch(cuda: bool) -> SimpleNamespace:
     ],
 )
 def test_torch_runs_on_cuda_when_jax_runs_on_a_gpu_and_torch_has_cuda(requested, cuda, jax_platform, expected):
-    assert bench.select_torch_device(_fake_torch(cuda), requested, jax_platform) == expected
+    assert torch_bench.select_torch_device(_fake_torch(cuda), requested, jax_platform) == expected
 
 
 @pytest.mark.torch
 def test_torch_device_cuda_without_cuda_is_one_clear_error(capsys):
     with pytest.raises(DataError, match=r"^--torch-device cuda: torch.cuda.is_available\(\) is False"):
-        bench.select_torch_device(_fake_torch(False), "cuda", "gpu")
+        torch_bench.select_torch_device(_fake_torch(False), "cuda", "gpu")
     torch = require("torch")
     if torch.cuda.is_available():
         return
@@ -282,7 +304,9 @@ def test_torch_crop_flip_matches_a_numpy_crop_then_mirror():
     images = rng.integers(0, 256, (6, 5, 7, 3), dtype=np.uint8)
     offsets = np.array([[0, 0], [8, 8], [3, 5], [0, 8], [8, 0], [4, 4]])
     flip = np.array([False, True, True, False, True, False])
-    out = bench.torch_crop_flip(torch, torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flip))
+    out = torch_bench.torch_crop_flip(
+        torch, torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flip)
+    )
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))  # zero padding, as transforms.random_crop
     for i, ((dy, dx), mirrored) in enumerate(zip(offsets, flip, strict=True)):
         expected = padded[i, dy : dy + 5, dx : dx + 7]
@@ -299,11 +323,11 @@ def test_warm_up_repeats_calls_until_one_compiles_nothing_new():
         if len(calls) <= 2:
             compiled[0] += 1
 
-    assert bench.warm_up_compiled(run, lambda: compiled[0]) == 3 and len(calls) == 3
-    assert bench.warm_up_compiled(run, lambda: compiled[0]) == 1  # nothing left to compile
-    assert bench.warm_up_compiled(run, lambda: None) == 1  # no counter: one call
+    assert torch_bench.warm_up_compiled(run, lambda: compiled[0]) == 3 and len(calls) == 3
+    assert torch_bench.warm_up_compiled(run, lambda: compiled[0]) == 1  # nothing left to compile
+    assert torch_bench.warm_up_compiled(run, lambda: None) == 1  # no counter: one call
     forever = []  # compiles on every call: stops at max_calls
-    assert bench.warm_up_compiled(lambda: forever.append(1), lambda: len(forever), max_calls=4) == 4
+    assert torch_bench.warm_up_compiled(lambda: forever.append(1), lambda: len(forever), max_calls=4) == 4
 
 
 def _fake_jax_side(monkeypatch):
@@ -325,7 +349,7 @@ def _tiny_torch_net(*args, **kwargs):
         torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
-        torch.nn.Linear(4, bench.NUM_CLASSES),
+        torch.nn.Linear(4, measure.NUM_CLASSES),
     )
 
 

@@ -159,7 +159,7 @@ def test_bash_commands_use_real_flags(block: Block, monkeypatch, capsys):
         assert command in COMMANDS, f"{block.name}: python -m jaxcifar.{command} is not a command"
         parser = importlib.import_module(f"jaxcifar.{command}").build_parser()
         try:
-            if command in ("train", "lr_find"):
+            if command in ("train", "lr_find", "bench"):
                 cli.parse_config(parser, argv)  # the flags and the Config they build
             else:
                 parser.parse_args(argv)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from jaxcifar import stderr_guard
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = dict(
     data_source="synthetic",
@@ -289,10 +291,8 @@ def test_stderr_guard_leaves_one_line_when_process_0_dies(given, shown):
     """When process 0 dies, JAX's client in the others (or gloo, inside a collective) logs and aborts within
     microseconds of the moment the watchdog hears of it; the stderr guard (a process that forwards stderr)
     keeps only one line."""
-    from jaxcifar.parallel import _GUARD
-
     guard = subprocess.Popen(
-        [sys.executable, "-c", _GUARD, "python -m jaxcifar.train", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        stderr_guard.command("python -m jaxcifar.train", 2), stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     for part in given:
         if isinstance(part, float):

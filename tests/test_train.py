@@ -12,8 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcifar import CheckpointError, Config, ConfigError, backend, fit, load_dataset, optim, parallel, steps
+from jaxcifar import CheckpointError, Config, ConfigError, backend, fit, load_dataset, optim, steps
 from jaxcifar.files import read_history
+from jaxcifar.mesh import make_mesh, replicated
 from jaxcifar.network import build_model
 from jaxcifar.state import create_train_state
 
@@ -140,7 +141,7 @@ def test_fit_evaluates_in_chunks_on_one_cpu_device():
     chunks (a ``lax.map`` loop in the compiled program), as docs/performance.md says."""
     if jax.devices()[0].platform != "cpu":
         pytest.skip("chunked evaluation is for CPU devices")
-    mesh = parallel.make_mesh(1)
+    mesh = make_mesh(1)
     assert backend.eval_chunk(list(mesh.devices.flat)) == backend.CPU_EVAL_CHUNK
     model = build_model(Config(width=4))
     state = create_train_state(model, optax.sgd(0.1), seed=0)
@@ -164,7 +165,7 @@ def _tiny_run(tmp_path: Path, **overrides):
     mesh, model = loop.mesh_and_model(config)
     dataset = load_dataset(config)
     tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
-    state = jax.device_put(create_train_state(model, tx, config.seed), parallel.replicated(mesh))
+    state = jax.device_put(create_train_state(model, tx, config.seed), replicated(mesh))
     run = loop.set_up(config, dataset, state, [], schedule, mesh, Path(config.workdir), verbose=False)
     return run, state
 

@@ -88,14 +88,14 @@ def test_interrupt_ends_the_process_when_its_line_cannot_be_written(tmp_path, tr
 
 DISTRIBUTED_END = """
 import sys, threading, time
-from jaxcifar import parallel
-threading.Thread(target=parallel._end, args=("lost process 1 of 2; epochs 1-2 saved in " + sys.argv[1], 1)).start()
+from jaxcifar import interrupts
+threading.Thread(target=interrupts.end, args=("lost process 1 of 2; epochs 1-2 saved in " + sys.argv[1], 1)).start()
 time.sleep(30)
 """
 
 
 def test_distributed_end_happens_when_its_line_cannot_be_written(tmp_path):
-    """``parallel._end`` (the watchdog's ending) with stderr a closed pipe and a name that is not UTF-8."""
+    """``interrupts.end`` (the watchdog's ending) with stderr a closed pipe and a name that is not UTF-8."""
     process = subprocess.Popen(
         [sys.executable, "-c", DISTRIBUTED_END, str(tmp_path / NOT_UTF8)],
         env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
@@ -107,8 +107,31 @@ def test_distributed_end_happens_when_its_line_cannot_be_written(tmp_path):
         code = process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
-        pytest.fail("parallel._end did not end the process")
+        pytest.fail("interrupts.end did not end the process")
     assert code == 1
+
+
+ENDING = """
+import sys
+from jaxcifar import interrupts
+def broken():
+    raise RuntimeError("no workdir")
+interrupts.describe(broken)
+interrupts.end("--distributed: lost process 1 of 2; " + interrupts.what_is_saved(), 3)
+print("not ended", flush=True)
+"""
+
+
+def test_end_says_one_line_with_what_is_saved_and_ends_with_its_code():
+    """``interrupts.end`` (the watchdog's ending, public): ``PROG: error: MESSAGE`` (``jaxcifar`` when no command
+    installed the module), exit with the code given; ``what_is_saved`` turns a failing description into words."""
+    process = subprocess.run(
+        [sys.executable, "-c", ENDING], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60
+    )
+    assert process.returncode == 3 and process.stdout == b""
+    assert process.stderr == (
+        b"jaxcifar: error: --distributed: lost process 1 of 2; (RuntimeError while checking what is saved)\n"
+    )
 
 
 @pytest.mark.slow
@@ -385,7 +408,7 @@ def test_a_run_that_does_not_fit_the_memory_limit_ends_in_one_line(tmp_path, cha
 
 
 def test_data_mismatch_names_the_processes_and_the_split():
-    from jaxcifar.parallel import data_fingerprint, data_mismatch
+    from jaxcifar.distributed import data_fingerprint, data_mismatch
 
     images = np.zeros((6, 32, 32, 3), np.uint8)
     labels = np.arange(6, dtype=np.int32)

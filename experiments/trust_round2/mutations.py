@@ -37,7 +37,7 @@ MUTATIONS = [
     (
         "report takes no lock",
         "jaxcifar/report.py",
-        "    return WorkdirLock(workdir, shared=True) if parallel.is_main_process() else contextlib.nullcontext()",
+        "    return WorkdirLock(workdir, shared=True) if distributed.is_main_process() else contextlib.nullcontext()",
         "    return contextlib.nullcontext()",
         "test_lr_find_and_report_refuse_a_held_workdir",
     ),
