@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import io
 import json
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import time
 from pathlib import Path
 
+import chex
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -22,6 +25,7 @@ from jaxcifar.cli import parse_config
 from jaxcifar.config import Config
 from jaxcifar.data import load_dataset, stratified_split, stratified_subset
 from jaxcifar.errors import DataError
+from jaxcifar.sources import decode_worker, image_folder
 from jaxcifar.train import build_parser
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -365,9 +369,9 @@ def test_tfds_runtime_dependency_is_declared(tmp_path):
 
 
 def test_tfds_without_prepared_data_or_tensorflow_fails_at_once(tmp_path, monkeypatch):
-    find_spec = sources.importlib.util.find_spec
+    find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        sources.importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)
     )
     with pytest.raises(DataError) as error:  # used to download for a build that cannot run (minutes of retries)
         load_dataset(Config(data_source="tfds", data_dir=str(tmp_path)))
@@ -499,7 +503,8 @@ def test_parallel_decode_survives_a_failed_worker(tmp_path, monkeypatch, caplog)
     """A decoding process that dies (not for a bad image) has its share decoded in this process, with a warning."""
     write_mixed_folder(tmp_path, per_class=4)
     paths = _listed(tmp_path)
-    monkeypatch.setattr(sources, "_WORKER_CODE", "import sys; sys.exit('worker crashed') # {init} {package}")
+    crash = [sys.executable, "-c", "import sys; sys.exit('worker crashed')"]
+    monkeypatch.setattr(decode_worker, "command", lambda parent: crash)
     with caplog.at_level("WARNING", logger="jaxcifar.sources"):
         images = sources.decode_images(paths, workers=2)
     np.testing.assert_array_equal(images, sources.decode_images(paths, workers=1))
@@ -509,7 +514,7 @@ def test_parallel_decode_survives_a_failed_worker(tmp_path, monkeypatch, caplog)
 
 
 class _CountingDecoder:
-    """Wraps ``sources.decode_images`` and records how many images each call decoded."""
+    """Wraps ``decode_images`` where the folder reader calls it and records how many images each call decoded."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[int] = []
@@ -519,7 +524,7 @@ class _CountingDecoder:
             self.calls.append(len(paths))
             return real(paths, resize, workers)
 
-        monkeypatch.setattr(sources, "decode_images", decode)
+        monkeypatch.setattr(image_folder, "decode_images", decode)
 
 
 def _cache_entries(cache: Path) -> list[str]:
@@ -551,15 +556,48 @@ def test_folder_cache_second_load_decodes_nothing(tmp_path, monkeypatch, _privat
     assert decoder.calls == [18, 18]
     second["train"][0][0] = 0  # the cached arrays are writable, copy-on-write: the entry keeps its pixels
     _assert_same(_read(tmp_path / "data")[0], first)
-    # a subset reads the entry too; without an entry it decodes only its images and stores nothing
+    # a subset reads the entry too; without the cache it decodes only its images
     subset, _ = _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]))
     assert decoder.calls == [18, 18]
     np.testing.assert_array_equal(subset["test"][0], first["test"][0][[1, 4]])
     _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]), cache=False)
     assert decoder.calls == [18, 18, 4]
-    monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(tmp_path / "other-cache"))
-    _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]))
-    assert decoder.calls == [18, 18, 4, 4] and _cache_entries(tmp_path / "other-cache") == []
+
+
+def test_a_subset_load_caches_the_whole_folder_for_the_next_one(tmp_path, monkeypatch, _private_cache_dir):
+    """A subset run (``--train-subset``, e.g. cpu_quick) decodes the whole folder once and stores it, so the
+    next subset run, of any size, reads the cache instead of decoding."""
+    write_folder(tmp_path / "data", per_class=4)
+    decoder = _CountingDecoder(monkeypatch)
+    config = Config(data_dir=str(tmp_path / "data"), batch_size=2, train_subset=10, test_subset=20)
+    first = load_dataset(config)
+    assert decoder.calls == [80] and len(_cache_entries(_private_cache_dir)) == 1
+    assert len(first.train) == 10 and len(first.test) == 20
+    second = load_dataset(config.replace(train_subset=20))
+    assert decoder.calls == [80] and len(second.train) == 20
+    chex.assert_shape(second.train.images, (20, 32, 32, 3))
+    whole = load_dataset(config.replace(train_subset=None, test_subset=None, folder_cache=False))
+    assert decoder.calls == [80, 80]
+    np.testing.assert_array_equal(first.test.images, whole.test.images[stratified_subset(whole.test.labels, 20, 0)])
+
+
+def test_a_bad_image_outside_the_subset_fails_no_subset_load(tmp_path, monkeypatch, caplog, _private_cache_dir):
+    """The whole-folder decode of a subset load meets a bad image the subset does not use: one warning, no
+    cache entry, and the subset loads as before (decoded alone); a bad image inside the subset still fails."""
+    write_mixed_folder(tmp_path / "data")
+    bad = _listed(tmp_path / "data")[4]  # train/b/1.jpg, the second train image of class b
+    bad.write_bytes(b"not an image")
+    decoder = _CountingDecoder(monkeypatch)
+    with caplog.at_level("WARNING", logger="jaxcifar.sources"):
+        arrays, _ = _read(tmp_path / "data", select=lambda split, labels: np.array([0, 1]))
+    assert decoder.calls == [18, 4] and _cache_entries(_private_cache_dir) == []
+    ((message),) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"folder cache: not written ({bad}: unreadable image")
+    chex.assert_shape(arrays["train"][0], (2, 32, 32, 3))
+    with pytest.raises(DataError, match=f"^{bad}: unreadable image"):
+        _read(tmp_path / "data", select=lambda split, labels: np.array([0, 4]))
+    with pytest.raises(DataError, match=f"^{bad}: unreadable image"):
+        _read(tmp_path / "data")
 
 
 def test_folder_cache_off_reads_and_writes_nothing(tmp_path, monkeypatch, _private_cache_dir):
@@ -699,7 +737,7 @@ def test_folder_cache_write_killed_midway_leaves_no_entry(tmp_path, _private_cac
         "    f.write(b'\\x93NUMPY' + bytes(100))\n"
         "    f.flush()\n"
         "    os._exit(9)\n"
-        "sources.np.save = killed\n"
+        "np.save = killed\n"
         f"sources.read_image_folder({str(tmp_path / 'data')!r})\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -737,7 +775,7 @@ def test_unwritable_folder_cache_warns_and_loads(tmp_path, monkeypatch, caplog, 
         def full(f, array, allow_pickle=False):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(sources.np, "save", full)
+        monkeypatch.setattr(np, "save", full)
     with caplog.at_level("WARNING", logger="jaxcifar.sources"):
         arrays, _ = _read(tmp_path / "data")
     _assert_same(arrays, _read(tmp_path / "data", cache=False)[0])
