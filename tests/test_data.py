@@ -816,3 +816,95 @@ def test_folder_cache_drops_entries_of_deleted_folders(tmp_path, _private_cache_
         (_private_cache_dir / "folders" / (set(remaining) & set(entries)).pop() / "meta.json").read_text()
     )
     assert kept["root"] == str((tmp_path / "kept").resolve())
+
+
+# ------------------------------------------------------------------------- archives of an image-folder tree
+
+
+def _tar_folder(root: Path, archive: Path, inner: str = "") -> None:
+    """Writes ``root``'s train/ and test/ into the tar archive ``archive`` (compressed after its name), under
+    ``inner/`` when given, as ``tar -czf`` would (directories first, then their files)."""
+    mode = "w" if archive.name.endswith(".tar") else "w:gz"
+    with tarfile.open(archive, mode) as tar:
+        for split in ("train", "test"):
+            tar.add(root / split, arcname=f"{inner}/{split}" if inner else split)
+
+
+@pytest.mark.parametrize("name, inner", [("cifar10-jpeg.tar.gz", ""), ("x.tgz", "cifar10"), ("x.tar", "a/b")])
+def test_an_image_folder_archive_is_unpacked_once_and_read(
+    tmp_path, monkeypatch, caplog, _private_cache_dir, name, inner
+):
+    """``--data-dir cifar10-jpeg.tar.gz`` (an archive of train/CLASS/*.jpg, test/CLASS/*.jpg) is unpacked into
+    the cache once, with one line saying so, and read like the folder; later loads read that copy (and the
+    decoded-image cache), and never say to delete the archive."""
+    expected = write_folder(tmp_path / "folder")
+    archive = tmp_path / name
+    _tar_folder(tmp_path / "folder", archive, inner)
+    assert sources.image_folder_in_archive(archive) == inner
+    decoder = _CountingDecoder(monkeypatch)
+    with caplog.at_level("WARNING", logger="jaxcifar.sources"):
+        data = load_dataset(Config(data_dir=str(archive), batch_size=4))  # auto -> folder
+    np.testing.assert_array_equal(data.train.images, expected)
+    assert data.class_names == CLASSES and len(data.test) == 20
+    (unpacked,) = (_private_cache_dir / "unpacked").iterdir()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{archive}: an archive of an image-folder tree; unpacking it once into {unpacked} (later runs read that copy)"
+    ]
+    assert sorted(p.name for p in (unpacked / inner / "train").iterdir()) == sorted(CLASSES)
+    caplog.clear()
+    again = load_dataset(Config(data_source="folder", data_dir=str(archive), batch_size=4, train_subset=10))
+    assert caplog.records == [] and decoder.calls == [40] and len(again.train) == 10
+    with pytest.raises(DataError, match=r"an archive of an image-folder tree .*, not the cifar10 python release; use "):
+        load_dataset(Config(data_source="cifar-python", data_dir=str(archive), batch_size=4))
+
+
+def test_a_replaced_archive_is_unpacked_again_and_the_old_copy_deleted(tmp_path, _private_cache_dir):
+    write_folder(tmp_path / "folder", per_class=1)
+    archive = tmp_path / "data.tar.gz"
+    _tar_folder(tmp_path / "folder", archive)
+    first = sources.unpack_image_folder_archive(archive)
+    assert sources.unpack_image_folder_archive(archive) == first
+    (tmp_path / "folder" / "train" / "cat" / "0.png").unlink()
+    _tar_folder(tmp_path / "folder", archive)
+    os.utime(archive, ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = sources.unpack_image_folder_archive(archive)
+    assert second != first and not first.exists()
+    assert not (second / "train" / "cat" / "0.png").exists() and (second / "train" / "dog" / "0.png").is_file()
+
+
+def test_an_archive_unpacks_nothing_outside_its_image_tree(tmp_path, _private_cache_dir):
+    """Members with ``..``, absolute names, links and hidden files are never unpacked: only the regular image
+    files at SPLIT/CLASS/FILE, so nothing lands outside the cache's copy."""
+    write_folder(tmp_path / "folder", per_class=1)
+    archive = tmp_path / "evil.tar"
+    _tar_folder(tmp_path / "folder", archive)
+    payload = (tmp_path / "folder" / "train" / "cat" / "0.png").read_bytes()
+    with tarfile.open(archive, "a") as tar:
+        for member_name in ("train/cat/../../../escaped.png", "/tmp/absolute-escape.png", "train/cat/.hidden.png"):
+            info = tarfile.TarInfo(member_name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("train/cat/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    root = sources.unpack_image_folder_archive(archive)
+    assert not (tmp_path / "escaped.png").exists() and not (_private_cache_dir / "escaped.png").exists()
+    assert not Path("/tmp/absolute-escape.png").exists()
+    assert sorted(p.name for p in (root / "train" / "cat").iterdir()) == ["0.png"]
+    assert sum(1 for p in root.rglob("*") if p.is_file()) == 20
+
+
+def test_a_truncated_archive_ends_in_one_line_and_leaves_no_copy(tmp_path, _private_cache_dir):
+    write_folder(tmp_path / "folder", per_class=8)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    _tar_folder(tmp_path / "folder", archive)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError) as error:
+        load_dataset(Config(data_dir=str(archive), batch_size=4))
+    assert str(error.value).startswith(f"{archive}: truncated or corrupt archive (")
+    assert str(error.value).endswith(
+        f"copy it again, or unpack it by hand: mkdir -p data/cifar10-jpeg && tar -xf {archive} -C data/cifar10-jpeg, "
+        "then pass --data-dir data/cifar10-jpeg"
+    )
+    assert "delete" not in str(error.value) and "\n" not in str(error.value)
+    assert list((_private_cache_dir / "unpacked").iterdir()) == []
