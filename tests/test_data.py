@@ -479,10 +479,11 @@ def test_parallel_decode_of_real_jpegs_equals_serial(shared_data_dir):
 
 @pytest.mark.parametrize("bad", ["unreadable", "wrong size"])
 @pytest.mark.parametrize("where", [(5, 40), (20, 40)])
-def test_parallel_decode_raises_the_serial_decodes_error(tmp_path, bad, where):
+def test_parallel_decode_raises_the_serial_decodes_error(tmp_path, caplog, bad, where):
     """The error names the first bad file in listing order, as the serial decode does, wherever it lies.
 
-    48 files in 3 shares of 16: this process decodes the first share, two other processes the others.
+    48 files in 3 shares of 16: this process decodes the first share, two other processes the others. A
+    process that meets the bad image reports it (no "decoding process failed" and a second decode here).
     """
     write_mixed_folder(tmp_path, per_class=8)
     paths = _listed(tmp_path)
@@ -493,9 +494,9 @@ def test_parallel_decode_raises_the_serial_decodes_error(tmp_path, bad, where):
             Image.fromarray(np.zeros((33, 32, 3), np.uint8)).save(paths[k], format="PNG")
     with pytest.raises(DataError) as serial:
         sources.decode_images(paths, workers=1)
-    with pytest.raises(DataError) as parallel:
+    with pytest.raises(DataError) as parallel, caplog.at_level("WARNING", logger="jaxcifar.sources"):
         sources.decode_images(paths, workers=3)
-    assert str(parallel.value) == str(serial.value)
+    assert str(parallel.value) == str(serial.value) and caplog.records == []
     assert str(serial.value).startswith(f"{paths[where[0]]}: ") and "\n" not in str(serial.value)
 
 
@@ -892,6 +893,35 @@ def test_an_archive_unpacks_nothing_outside_its_image_tree(tmp_path, _private_ca
     assert not Path("/tmp/absolute-escape.png").exists()
     assert sorted(p.name for p in (root / "train" / "cat").iterdir()) == ["0.png"]
     assert sum(1 for p in root.rglob("*") if p.is_file()) == 20
+
+
+def test_an_unpack_killed_midway_leaves_no_copy_that_is_read(tmp_path, _private_cache_dir):
+    """A process killed while it unpacks (os._exit: no cleanup) leaves only a hidden temporary folder, which the
+    next unpack deletes; the next load unpacks and reads every image."""
+    import subprocess
+
+    expected = write_folder(tmp_path / "folder")
+    archive = tmp_path / "cifar10-jpeg.tar"
+    _tar_folder(tmp_path / "folder", archive)
+    script = (
+        "import os, sys, tarfile\n"
+        "from pathlib import Path\n"
+        "from jaxcifar import sources\n"
+        "write = tarfile.TarFile.makefile\n"
+        "def killed(self, *args, **kwargs):\n"
+        "    write(self, *args, **kwargs)\n"
+        "    os._exit(9)  # after the first image\n"
+        "tarfile.TarFile.makefile = killed\n"
+        "sources.unpack_image_folder_archive(Path(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    assert subprocess.run([sys.executable, "-c", script, str(archive)], env=env).returncode == 9
+    (leftover,) = (_private_cache_dir / "unpacked").iterdir()
+    assert leftover.name.startswith(".") and leftover.name.endswith(".tmp") and any(leftover.rglob("*.png"))
+    data = load_dataset(Config(data_dir=str(archive), batch_size=4))
+    np.testing.assert_array_equal(data.train.images, expected)
+    (entry,) = (_private_cache_dir / "unpacked").iterdir()
+    assert not entry.name.startswith(".")
 
 
 def test_a_truncated_archive_ends_in_one_line_and_leaves_no_copy(tmp_path, _private_cache_dir):

@@ -59,7 +59,7 @@ MUTATIONS = [  # (file, old, new, test file, test)
         '        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))\n',
         "        tmp = entry\n        entry.mkdir()\n",
         D,
-        "test_a_truncated_archive_ends_in_one_line_and_leaves_no_copy",
+        "test_an_unpack_killed_midway_leaves_no_copy_that_is_read",
     ),
     (
         "jaxcifar/sources/archive.py",
