@@ -157,7 +157,7 @@ def _extract_images(path: Path, folder: str, target: Path) -> None:
     Safe by construction: every name passed ``_image_member`` (relative, no ``..``, nothing hidden), the
     folders are made here and the files opened without following links. Not ``TarFile.extractall``: with
     tarfile's ``data`` filter it took 1.6x as long (its ``realpath``, ``chmod`` and ``utime`` per file;
-    experiments/data_loading/archive_subset.txt).
+    experiments/data_loading/README.md).
     """
     made: set[str] = set()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
