@@ -96,7 +96,6 @@ def list_image_folder(root: str | Path, dataset: str = "cifar10") -> tuple[Listi
         listing[split] = (files, np.asarray(labels, np.int32))
     assert class_names is not None
     return listing, class_names
-    assert class_names is not None
 
 
 def read_image_folder(
