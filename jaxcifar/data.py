@@ -101,9 +101,9 @@ def resolve_source(config: Config) -> str:
     """Returns the concrete data source for ``config.data_source == 'auto'``.
 
     Without ``--data-dir``: ``cifar-python`` with ``--download``, else ``tfds``. With ``--data-dir``: what the
-    path holds (a cifar python tarball or folder, an image-folder tree with train/ and test/, a prepared
-    tfds data folder); anything else raises DataError saying what it holds instead (never a fallback to
-    tfds, which would try to build CIFAR into that folder).
+    path holds (a cifar python tarball or folder, an image-folder tree with train/ and test/ or a tar archive
+    of one, a prepared tfds data folder); anything else raises DataError saying what it holds instead (never a
+    fallback to tfds, which would try to build CIFAR into that folder).
     """
     if config.data_source != "auto":
         return config.data_source
@@ -112,6 +112,8 @@ def resolve_source(config: Config) -> str:
     path = Path(config.data_dir)
     if not path.exists():
         raise DataError(f"--data-dir {path}: no such file or directory")
+    if sources.is_image_folder_archive(path):  # unpacked into the cache by the folder reader
+        return "folder"
     if sources.looks_like_cifar_python(path, config.dataset):
         return "cifar-python"
     if sources.is_image_folder_dataset(path):
@@ -151,7 +153,7 @@ def load_dataset(config: Config) -> Dataset:
         n = subset[split]
         return np.arange(len(labels)) if n is None else stratified_subset(labels, n, config.seed)
 
-    if source == "folder":  # decodes only the selected files (Config requires data_dir with folder)
+    if source == "folder":  # subsets come from the cached whole folder (Config requires data_dir with folder)
         arrays, class_names = sources.read_image_folder(
             config.data_dir, select=select, resize=config.resize, dataset=config.dataset, cache=config.folder_cache
         )

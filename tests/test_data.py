@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import io
 import json
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import time
 from pathlib import Path
 
+import chex
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -22,6 +25,7 @@ from jaxcifar.cli import parse_config
 from jaxcifar.config import Config
 from jaxcifar.data import load_dataset, stratified_split, stratified_subset
 from jaxcifar.errors import DataError
+from jaxcifar.sources import decode_worker, image_folder
 from jaxcifar.train import build_parser
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -365,9 +369,9 @@ def test_tfds_runtime_dependency_is_declared(tmp_path):
 
 
 def test_tfds_without_prepared_data_or_tensorflow_fails_at_once(tmp_path, monkeypatch):
-    find_spec = sources.importlib.util.find_spec
+    find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        sources.importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)
     )
     with pytest.raises(DataError) as error:  # used to download for a build that cannot run (minutes of retries)
         load_dataset(Config(data_source="tfds", data_dir=str(tmp_path)))
@@ -475,10 +479,11 @@ def test_parallel_decode_of_real_jpegs_equals_serial(shared_data_dir):
 
 @pytest.mark.parametrize("bad", ["unreadable", "wrong size"])
 @pytest.mark.parametrize("where", [(5, 40), (20, 40)])
-def test_parallel_decode_raises_the_serial_decodes_error(tmp_path, bad, where):
+def test_parallel_decode_raises_the_serial_decodes_error(tmp_path, caplog, bad, where):
     """The error names the first bad file in listing order, as the serial decode does, wherever it lies.
 
-    48 files in 3 shares of 16: this process decodes the first share, two other processes the others.
+    48 files in 3 shares of 16: this process decodes the first share, two other processes the others. A
+    process that meets the bad image reports it (no "decoding process failed" and a second decode here).
     """
     write_mixed_folder(tmp_path, per_class=8)
     paths = _listed(tmp_path)
@@ -489,9 +494,9 @@ def test_parallel_decode_raises_the_serial_decodes_error(tmp_path, bad, where):
             Image.fromarray(np.zeros((33, 32, 3), np.uint8)).save(paths[k], format="PNG")
     with pytest.raises(DataError) as serial:
         sources.decode_images(paths, workers=1)
-    with pytest.raises(DataError) as parallel:
+    with pytest.raises(DataError) as parallel, caplog.at_level("WARNING", logger="jaxcifar.sources"):
         sources.decode_images(paths, workers=3)
-    assert str(parallel.value) == str(serial.value)
+    assert str(parallel.value) == str(serial.value) and caplog.records == []
     assert str(serial.value).startswith(f"{paths[where[0]]}: ") and "\n" not in str(serial.value)
 
 
@@ -499,7 +504,8 @@ def test_parallel_decode_survives_a_failed_worker(tmp_path, monkeypatch, caplog)
     """A decoding process that dies (not for a bad image) has its share decoded in this process, with a warning."""
     write_mixed_folder(tmp_path, per_class=4)
     paths = _listed(tmp_path)
-    monkeypatch.setattr(sources, "_WORKER_CODE", "import sys; sys.exit('worker crashed') # {init} {package}")
+    crash = [sys.executable, "-c", "import sys; sys.exit('worker crashed')"]
+    monkeypatch.setattr(decode_worker, "command", lambda parent: crash)
     with caplog.at_level("WARNING", logger="jaxcifar.sources"):
         images = sources.decode_images(paths, workers=2)
     np.testing.assert_array_equal(images, sources.decode_images(paths, workers=1))
@@ -509,7 +515,7 @@ def test_parallel_decode_survives_a_failed_worker(tmp_path, monkeypatch, caplog)
 
 
 class _CountingDecoder:
-    """Wraps ``sources.decode_images`` and records how many images each call decoded."""
+    """Wraps ``decode_images`` where the folder reader calls it and records how many images each call decoded."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[int] = []
@@ -519,7 +525,7 @@ class _CountingDecoder:
             self.calls.append(len(paths))
             return real(paths, resize, workers)
 
-        monkeypatch.setattr(sources, "decode_images", decode)
+        monkeypatch.setattr(image_folder, "decode_images", decode)
 
 
 def _cache_entries(cache: Path) -> list[str]:
@@ -551,15 +557,48 @@ def test_folder_cache_second_load_decodes_nothing(tmp_path, monkeypatch, _privat
     assert decoder.calls == [18, 18]
     second["train"][0][0] = 0  # the cached arrays are writable, copy-on-write: the entry keeps its pixels
     _assert_same(_read(tmp_path / "data")[0], first)
-    # a subset reads the entry too; without an entry it decodes only its images and stores nothing
+    # a subset reads the entry too; without the cache it decodes only its images
     subset, _ = _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]))
     assert decoder.calls == [18, 18]
     np.testing.assert_array_equal(subset["test"][0], first["test"][0][[1, 4]])
     _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]), cache=False)
     assert decoder.calls == [18, 18, 4]
-    monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(tmp_path / "other-cache"))
-    _read(tmp_path / "data", select=lambda split, labels: np.array([1, 4]))
-    assert decoder.calls == [18, 18, 4, 4] and _cache_entries(tmp_path / "other-cache") == []
+
+
+def test_a_subset_load_caches_the_whole_folder_for_the_next_one(tmp_path, monkeypatch, _private_cache_dir):
+    """A subset run (``--train-subset``, e.g. cpu_quick) decodes the whole folder once and stores it, so the
+    next subset run, of any size, reads the cache instead of decoding."""
+    write_folder(tmp_path / "data", per_class=4)
+    decoder = _CountingDecoder(monkeypatch)
+    config = Config(data_dir=str(tmp_path / "data"), batch_size=2, train_subset=10, test_subset=20)
+    first = load_dataset(config)
+    assert decoder.calls == [80] and len(_cache_entries(_private_cache_dir)) == 1
+    assert len(first.train) == 10 and len(first.test) == 20
+    second = load_dataset(config.replace(train_subset=20))
+    assert decoder.calls == [80] and len(second.train) == 20
+    chex.assert_shape(second.train.images, (20, 32, 32, 3))
+    whole = load_dataset(config.replace(train_subset=None, test_subset=None, folder_cache=False))
+    assert decoder.calls == [80, 80]
+    np.testing.assert_array_equal(first.test.images, whole.test.images[stratified_subset(whole.test.labels, 20, 0)])
+
+
+def test_a_bad_image_outside_the_subset_fails_no_subset_load(tmp_path, monkeypatch, caplog, _private_cache_dir):
+    """The whole-folder decode of a subset load meets a bad image the subset does not use: one warning, no
+    cache entry, and the subset loads as before (decoded alone); a bad image inside the subset still fails."""
+    write_mixed_folder(tmp_path / "data")
+    bad = _listed(tmp_path / "data")[4]  # train/b/1.jpg, the second train image of class b
+    bad.write_bytes(b"not an image")
+    decoder = _CountingDecoder(monkeypatch)
+    with caplog.at_level("WARNING", logger="jaxcifar.sources"):
+        arrays, _ = _read(tmp_path / "data", select=lambda split, labels: np.array([0, 1]))
+    assert decoder.calls == [18, 4] and _cache_entries(_private_cache_dir) == []
+    ((message),) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"folder cache: not written ({bad}: unreadable image")
+    chex.assert_shape(arrays["train"][0], (2, 32, 32, 3))
+    with pytest.raises(DataError, match=f"^{bad}: unreadable image"):
+        _read(tmp_path / "data", select=lambda split, labels: np.array([0, 4]))
+    with pytest.raises(DataError, match=f"^{bad}: unreadable image"):
+        _read(tmp_path / "data")
 
 
 def test_folder_cache_off_reads_and_writes_nothing(tmp_path, monkeypatch, _private_cache_dir):
@@ -699,7 +738,7 @@ def test_folder_cache_write_killed_midway_leaves_no_entry(tmp_path, _private_cac
         "    f.write(b'\\x93NUMPY' + bytes(100))\n"
         "    f.flush()\n"
         "    os._exit(9)\n"
-        "sources.np.save = killed\n"
+        "np.save = killed\n"
         f"sources.read_image_folder({str(tmp_path / 'data')!r})\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -737,7 +776,7 @@ def test_unwritable_folder_cache_warns_and_loads(tmp_path, monkeypatch, caplog, 
         def full(f, array, allow_pickle=False):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(sources.np, "save", full)
+        monkeypatch.setattr(np, "save", full)
     with caplog.at_level("WARNING", logger="jaxcifar.sources"):
         arrays, _ = _read(tmp_path / "data")
     _assert_same(arrays, _read(tmp_path / "data", cache=False)[0])
@@ -778,3 +817,126 @@ def test_folder_cache_drops_entries_of_deleted_folders(tmp_path, _private_cache_
         (_private_cache_dir / "folders" / (set(remaining) & set(entries)).pop() / "meta.json").read_text()
     )
     assert kept["root"] == str((tmp_path / "kept").resolve())
+
+
+# ------------------------------------------------------------------------- archives of an image-folder tree
+
+
+def _tar_folder(root: Path, archive: Path, inner: str = "") -> None:
+    """Writes ``root``'s train/ and test/ into the tar archive ``archive`` (compressed after its name), under
+    ``inner/`` when given, as ``tar -czf`` would (directories first, then their files)."""
+    mode = "w" if archive.name.endswith(".tar") else "w:gz"
+    with tarfile.open(archive, mode) as tar:
+        for split in ("train", "test"):
+            tar.add(root / split, arcname=f"{inner}/{split}" if inner else split)
+
+
+@pytest.mark.parametrize("name, inner", [("cifar10-jpeg.tar.gz", ""), ("x.tgz", "cifar10"), ("x.tar", "a/b")])
+def test_an_image_folder_archive_is_unpacked_once_and_read(
+    tmp_path, monkeypatch, caplog, _private_cache_dir, name, inner
+):
+    """``--data-dir cifar10-jpeg.tar.gz`` (an archive of train/CLASS/*.jpg, test/CLASS/*.jpg) is unpacked into
+    the cache once, with one line saying so, and read like the folder; later loads read that copy (and the
+    decoded-image cache), and never say to delete the archive."""
+    expected = write_folder(tmp_path / "folder")
+    archive = tmp_path / name
+    _tar_folder(tmp_path / "folder", archive, inner)
+    assert sources.image_folder_in_archive(archive) == inner
+    decoder = _CountingDecoder(monkeypatch)
+    with caplog.at_level("WARNING", logger="jaxcifar.sources"):
+        data = load_dataset(Config(data_dir=str(archive), batch_size=4))  # auto -> folder
+    np.testing.assert_array_equal(data.train.images, expected)
+    assert data.class_names == CLASSES and len(data.test) == 20
+    (unpacked,) = (_private_cache_dir / "unpacked").iterdir()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{archive}: an archive of an image-folder tree; unpacking it once into {unpacked} (later runs read that copy)"
+    ]
+    assert sorted(p.name for p in (unpacked / "train").iterdir()) == sorted(CLASSES)  # the top folders dropped
+    caplog.clear()
+    again = load_dataset(Config(data_source="folder", data_dir=str(archive), batch_size=4, train_subset=10))
+    assert caplog.records == [] and decoder.calls == [40] and len(again.train) == 10
+    with pytest.raises(DataError, match=r"an archive of an image-folder tree .*, not the cifar10 python release; use "):
+        load_dataset(Config(data_source="cifar-python", data_dir=str(archive), batch_size=4))
+
+
+def test_a_replaced_archive_is_unpacked_again_and_the_old_copy_deleted(tmp_path, _private_cache_dir):
+    write_folder(tmp_path / "folder", per_class=1)
+    archive = tmp_path / "data.tar.gz"
+    _tar_folder(tmp_path / "folder", archive)
+    first = sources.unpack_image_folder_archive(archive)
+    assert sources.unpack_image_folder_archive(archive) == first
+    (tmp_path / "folder" / "train" / "cat" / "0.png").unlink()
+    _tar_folder(tmp_path / "folder", archive)
+    os.utime(archive, ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = sources.unpack_image_folder_archive(archive)
+    assert second != first and not first.exists()
+    assert not (second / "train" / "cat" / "0.png").exists() and (second / "train" / "dog" / "0.png").is_file()
+
+
+def test_an_archive_unpacks_nothing_outside_its_image_tree(tmp_path, _private_cache_dir):
+    """Members with ``..``, absolute names, links and hidden files are never unpacked: only the regular image
+    files at SPLIT/CLASS/FILE, so nothing lands outside the cache's copy."""
+    write_folder(tmp_path / "folder", per_class=1)
+    archive = tmp_path / "evil.tar"
+    _tar_folder(tmp_path / "folder", archive)
+    payload = (tmp_path / "folder" / "train" / "cat" / "0.png").read_bytes()
+    with tarfile.open(archive, "a") as tar:
+        escapes = ("train/cat/../../../escaped.png", "../../train/cat/up.png", "/tmp/absolute-escape.png")
+        for member_name in (*escapes, "train/cat/.hidden.png", "train/.cat/0.png"):
+            info = tarfile.TarInfo(member_name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("train/cat/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    root = sources.unpack_image_folder_archive(archive)
+    assert not (tmp_path / "escaped.png").exists() and not (_private_cache_dir / "escaped.png").exists()
+    assert not Path("/tmp/absolute-escape.png").exists()
+    assert sorted(p.name for p in (root / "train" / "cat").iterdir()) == ["0.png"]
+    assert sum(1 for p in root.rglob("*") if p.is_file()) == 20
+
+
+def test_an_unpack_killed_midway_leaves_no_copy_that_is_read(tmp_path, _private_cache_dir):
+    """A process killed while it unpacks (os._exit: no cleanup) leaves only a hidden temporary folder, which the
+    next unpack deletes; the next load unpacks and reads every image."""
+    import subprocess
+
+    expected = write_folder(tmp_path / "folder")
+    archive = tmp_path / "cifar10-jpeg.tar"
+    _tar_folder(tmp_path / "folder", archive)
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from jaxcifar import sources\n"
+        "import shutil\n"
+        "write = shutil.copyfileobj\n"
+        "def killed(*args, **kwargs):\n"
+        "    write(*args, **kwargs)\n"
+        "    os._exit(9)  # after the first image\n"
+        "shutil.copyfileobj = killed\n"
+        "sources.unpack_image_folder_archive(Path(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    assert subprocess.run([sys.executable, "-c", script, str(archive)], env=env).returncode == 9
+    (leftover,) = (_private_cache_dir / "unpacked").iterdir()
+    assert leftover.name.startswith(".") and leftover.name.endswith(".tmp") and any(leftover.rglob("*.png"))
+    data = load_dataset(Config(data_dir=str(archive), batch_size=4))
+    np.testing.assert_array_equal(data.train.images, expected)
+    (entry,) = (_private_cache_dir / "unpacked").iterdir()
+    assert not entry.name.startswith(".")
+
+
+def test_a_truncated_archive_ends_in_one_line_and_leaves_no_copy(tmp_path, _private_cache_dir):
+    write_folder(tmp_path / "folder", per_class=8)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    _tar_folder(tmp_path / "folder", archive)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError) as error:
+        load_dataset(Config(data_dir=str(archive), batch_size=4))
+    assert str(error.value).startswith(f"{archive}: truncated or corrupt archive (")
+    assert str(error.value).endswith(
+        f"copy it again, or unpack it by hand: mkdir -p data/cifar10-jpeg && tar -xf {archive} -C data/cifar10-jpeg, "
+        "then pass --data-dir data/cifar10-jpeg"
+    )
+    assert "delete" not in str(error.value) and "\n" not in str(error.value)
+    assert list((_private_cache_dir / "unpacked").iterdir()) == []

@@ -106,7 +106,7 @@ def test_folder_cache_of_the_clipping_decoder_is_not_served(tmp_path, monkeypatc
     }
     assert (clipped["train"][0] != expected["train"]).mean() > 0.6  # what the old decoder stored: mostly 255
     with monkeypatch.context() as patch:
-        patch.setattr(sources, "FOLDER_CACHE_FORMAT", 1)
+        patch.setattr(sources.cache, "FOLDER_CACHE_FORMAT", 1)
         old_entry = sources.folder_cache_entry(tmp_path / "data", listing, False)
         assert sources.write_folder_cache(old_entry, clipped, names, tmp_path / "data", False)
     arrays, _ = sources.read_image_folder(tmp_path / "data")
@@ -316,14 +316,15 @@ def test_decoding_processes_end_with_an_interrupted_parent(tmp_path, sig):
 _PAUSED_WRITE = """import sys, time
 from jaxcifar import interrupts
 interrupts.install("caching")
+import numpy as np
 from jaxcifar import sources
-save = sources.np.save
+save = np.save
 def save_then_pause(f, array, allow_pickle=False):
     save(f, array, allow_pickle=allow_pickle)
     f.flush()
     print("writing", flush=True)
     time.sleep(600)
-sources.np.save = save_then_pause
+np.save = save_then_pause
 sources.read_image_folder(sys.argv[1])
 """
 

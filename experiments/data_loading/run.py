@@ -133,10 +133,15 @@ def main() -> None:
         paths = listing["train"][0] + listing["test"][0]
         print(f"data: {root} (temporary when unpacked here), {len(paths)} images")
 
-        package = Path(sources.__file__).resolve().parent
-        init = str(package / "__init__.py")
-        worker = sources._WORKER_CODE.format(init=init, package=str(package), parent=os.getpid())
-        worker = worker.split("from jaxcifar.sources import _decode_worker")[0] + "import jaxcifar.sources"
+        package = Path(sources.__file__).resolve().parent.parent  # what decode_worker.py imports before it decodes
+        worker = (
+            "import importlib.util, pathlib\n"
+            f"spec = importlib.util.spec_from_file_location('w', {str(package / 'sources' / 'decode_worker.py')!r})\n"
+            "worker = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(worker)\n"
+            f"worker.import_package_from(pathlib.Path({str(package)!r}))\n"
+            "import jaxcifar.sources\n"
+        )
         print(f"start-up of one decoding process (python + jaxcifar.sources): {start_seconds(worker):.2f}s")
         print(
             "start-up of python + import jaxcifar.train (what a multiprocessing spawn/forkserver worker imports "

@@ -13,7 +13,7 @@ from pathlib import Path
 def lengths(root: Path) -> list[tuple[int, int, str]]:
     """Returns (lines, parameters, "file:function") for every function and method under root's packages."""
     found = []
-    for path in sorted([*root.glob("jaxcifar/*.py"), *root.glob("models/*.py")]):
+    for path in sorted([*root.glob("jaxcifar/**/*.py"), *root.glob("models/*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 args = node.args

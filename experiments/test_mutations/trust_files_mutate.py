@@ -11,13 +11,13 @@ from pathlib import Path
 T = "tests/test_trust_files.py"
 MUTATIONS = [  # (file, old, new, test)
     (
-        "jaxcifar/sources.py",
+        "jaxcifar/sources/decode.py",
         'if image.mode == "I" or image.mode.startswith("I;16"):',
         "if False:",
         "test_16_bit_pngs_decode_to_their_high_byte",
     ),
     (
-        "jaxcifar/sources.py",
+        "jaxcifar/sources/cache.py",
         "FOLDER_CACHE_FORMAT = 2",
         "FOLDER_CACHE_FORMAT = 1",
         "test_folder_cache_of_the_clipping_decoder_is_not_served",
@@ -53,21 +53,21 @@ MUTATIONS = [  # (file, old, new, test)
         "test_a_truncated_compile_cache_entry_is_replaced",
     ),
     (
-        "jaxcifar/sources.py",
+        "jaxcifar/sources/decode_worker.py",
         "ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)",
         "pass",
         "test_decoding_processes_end_with_an_interrupted_parent",
     ),
     (
-        "jaxcifar/sources.py",
+        "jaxcifar/sources/cache.py",
         "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while the writer holds it\n",
         "",
         "test_an_interrupted_cache_write_is_cleaned_up_at_the_next_load",
     ),
     (
-        "jaxcifar/sources.py",
-        "        _remove_abandoned(entry.parent)\n",
-        "        pass\n",
+        "jaxcifar/sources/image_folder.py",
+        "    remove_abandoned(entry.parent)\n",
+        "    pass\n",
         "test_an_interrupted_cache_write_is_cleaned_up_at_the_next_load",
     ),
 ]
