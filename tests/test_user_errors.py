@@ -29,34 +29,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SYNTHETIC_RUN
+from tests.tiny_runs import SYNTHETIC_RUN, flags, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The tiny run every train/lr_find case starts from: valid on its own (4 onecycle steps).
-TINY = dict(
-    data_source="synthetic",
-    width=4,
-    batch_size=32,
-    eval_batch_size=32,
-    train_subset=128,
-    test_subset=32,
-    epochs=1,
-    lr=0.05,
-    log_every=1,
-)
-
-
-def flags(values: dict) -> list[str]:
-    """Returns the command-line flags of a dict of Config fields."""
-    argv = []
-    for key, value in values.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
-
-
-TINY_ARGS = flags(TINY)
-SYNTHETIC_RUN_ARGS = flags(SYNTHETIC_RUN)  # the conftest run `synthetic_run`, as flags
+TINY = tiny_run(eval_batch_size=32, test_subset=32, log_every=1)
+TINY_ARGS = flags(**TINY)
+SYNTHETIC_RUN_ARGS = flags(**SYNTHETIC_RUN)  # the conftest run `synthetic_run`, as flags
 
 
 def tree_digest(root: Path) -> dict[str, str] | None:
