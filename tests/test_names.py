@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -69,6 +70,6 @@ def test_every_optimizer_name_builds_an_optimizer(optimizer):
 
 def test_the_config_choices_are_the_names():
     """Config's fields take their choices from ``names`` (what --help and docs/cli.md list)."""
-    choices = {f.name: f.metadata.get("choices") for f in Config.__dataclass_fields__.values()}
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(Config)}
     assert choices["model"] is names.MODELS and choices["dtype"] is names.DTYPES
     assert choices["policy"] is names.POLICIES and choices["tta"] is names.TTA_MODES
