@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcifar.names import INTERPOLATIONS
+
 F32 = jnp.float32
-INTERPOLATIONS = ("nearest", "bilinear")
 # The ops of the auto-augment policies, in this order (``apply_op``'s op indices).
 OP_NAMES = (
     "Identity",

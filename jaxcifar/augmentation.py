@@ -22,8 +22,6 @@ import jax
 from jaxcifar import augment_ops, autoaugment, transforms
 from jaxcifar.autoaugment import NO_POLICY, PolicySpec
 
-FILLS = ("black", "mean")
-
 
 @dataclasses.dataclass(frozen=True)
 class AugmentSpec:

@@ -20,8 +20,8 @@ import numpy as np
 
 from jaxcifar import augment_ops
 from jaxcifar.augment_ops import OP_INDEX, OP_NAMES
+from jaxcifar.names import POLICIES
 
-POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")
 AUTOAUGMENT_BINS = 10
 IMAGE_SIZE = 32  # the translate magnitudes depend on it (CIFAR's 32x32)
 

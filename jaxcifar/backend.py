@@ -31,10 +31,10 @@ from jax import lax
 from jaxcifar.errors import RunFileError
 from jaxcifar.files import write_json
 from jaxcifar.models.conv import PATCH_BLOCK_BYTES, CustomGradConv
+from jaxcifar.names import CONV_IMPLS
 
 log = logging.getLogger(__name__)
 
-CONV_IMPLS = ("auto", "lax", "matmul")
 XLA_CPU_CONVOLUTIONS = ("eigen", "ynnpack")
 
 # "auto" on one CPU device keeps XLA's gradients for convolutions (other than 1x1) below this many

@@ -106,6 +106,32 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
         parser.error(str(e))
 
 
+def config_to_argv(config: Config) -> list[str]:
+    """Returns the command-line flags that ``parse_config`` turns back into ``config``: one per field whose
+    value differs from its default, in field order, spelled as ``add_config_flags`` declares them
+    (``--report`` / ``--no-nesterov``, ``--milestones 5 10``, ``--lr auto``; a value starting with ``-`` as
+    ``--workdir=-x``, so that argparse does not take it for a flag).
+
+    Raises ValueError for a value no flag can spell: an empty tuple, or None where the default is not None.
+    """
+    argv: list[str] = []
+    for f in dataclasses.fields(Config):
+        value = getattr(config, f.name)
+        if value == f.default:
+            continue
+        name = flag(f.name)
+        if isinstance(value, bool):
+            argv.append(name if value else "--no-" + name[2:])
+        elif isinstance(value, tuple) and value:
+            argv += [name, *map(str, value)]
+        elif value is None or isinstance(value, tuple):
+            raise ValueError(f"{name}: {value!r} has no command-line spelling")
+        else:
+            text = str(value)  # a float's str is its shortest round-tripping repr
+            argv += [f"{name}={text}"] if text.startswith("-") else [name, text]
+    return argv
+
+
 def fail(prog: str, message: str, code: int = 1) -> NoReturn:
     """Prints ``prog: error: message`` as one line on stderr and exits with ``code`` (no traceback)."""
     print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)

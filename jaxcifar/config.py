@@ -3,6 +3,11 @@
 Every field carries its help text in ``metadata["help"]``; ``jaxcifar.cli`` turns the fields into
 ``python -m jaxcifar.train`` flags (``train_subset`` -> ``--train-subset``), so the two can't drift.
 Defaults reproduce the assignment run: ResNet18, 20 epochs, SGD (Nesterov) + OneCycle.
+
+A leaf: it imports only the standard library and jaxcifar's stdlib-only ``names``, ``errors`` and ``files``
+(no jax, flax or numpy), so building and validating a Config, and a command's ``--help``, start at once. The
+allowed values come from ``jaxcifar.names``; a check that needs the data or the devices happens where they
+are (e.g. ``--num-devices`` against the devices present, in the run's set-up).
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxcifar import augment_ops, augmentation, autoaugment, models, transforms
-from jaxcifar.backend import CONV_IMPLS
 from jaxcifar.errors import ConfigError
 from jaxcifar.files import read_json, write_json
-
-DATA_SOURCES = ("auto", "tfds", "cifar-python", "folder", "synthetic")
-DATASETS = ("cifar10", "cifar100")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("onecycle", "linear-onecycle", "cosine", "multistep", "warmup-cosine", "constant")
-AUGMENTS = transforms.AUGMENT_MODES
-DTYPES = tuple(models.COMPUTE_DTYPES)
-PAD_MODES = transforms.PAD_MODES
+from jaxcifar.names import (
+    AUGMENT_MODES,
+    CONV_IMPLS,
+    DATA_SOURCES,
+    DATASETS,
+    DTYPES,
+    FILLS,
+    INTERPOLATIONS,
+    MODELS,
+    OPTIMIZERS,
+    PAD_MODES,
+    POLICIES,
+    SCHEDULES,
+    TTA_MODES,
+)
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
@@ -36,7 +46,7 @@ class Config:
     """Everything that defines a training run. Invalid values raise ``ConfigError`` on construction."""
 
     # Model.
-    model: str = _field("resnet18", "Model name.", choices=models.available_models())
+    model: str = _field("resnet18", "Model name.", choices=MODELS)
     width: int = _field(
         64,
         "Base channel count (64 is the standard): of ResNet18/34's first stage, ResNet-9's prep layer, airbench's "
@@ -80,7 +90,7 @@ class Config:
         "crop-flip",
         "On-device augmentation: random 32x32 crop of the padded image (--crop-padding px, 4; --pad-mode, zeros), "
         "horizontal flip, and optionally cutout.",
-        choices=AUGMENTS,
+        choices=AUGMENT_MODES,
     )
     cutout_size: int = _field(8, "Side in pixels of the cutout square (crop-flip-cutout only).")
     crop_padding: int = _field(4, "Pixels of padding on each side before the random 32x32 crop (crop-flip*).")
@@ -101,7 +111,7 @@ class Config:
         "Auto-augment policy after crop and flip, per image on the device, as torchvision defines it: autoaugment "
         "(AutoAugment's CIFAR-10 policy, 25 sub-policies), randaugment (--randaugment-n ops at magnitude "
         "--randaugment-m), trivialaugment (TrivialAugmentWide: one op at a random magnitude).",
-        choices=autoaugment.POLICIES,
+        choices=POLICIES,
     )
     randaugment_n: int = _field(2, "randaugment: number of ops per image (torchvision's num_ops).")
     randaugment_m: int = _field(9, "randaugment: magnitude bin, in [0, --policy-bins) (torchvision's magnitude).")
@@ -109,7 +119,7 @@ class Config:
     interpolation: str = _field(
         "nearest",
         "Sampling of the geometric ops of --policy and --affine-* (torchvision's default: nearest).",
-        choices=augment_ops.INTERPOLATIONS,
+        choices=INTERPOLATIONS,
     )
     affine_degrees: float = _field(0.0, "Random affine: rotation uniform in [-D, D] degrees, in [0, 180]; 0 = none.")
     affine_translate: float = _field(
@@ -129,7 +139,7 @@ class Config:
         "black",
         "Random erasing's value: black (torchvision on uint8 images) or mean (the dataset mean, as torchvision's "
         "value=0 after Normalize).",
-        choices=augmentation.FILLS,
+        choices=FILLS,
     )
     coarse_dropout: float = _field(
         0.0, "Coarse dropout (holes filled with the dataset mean): probability per image, in [0, 1]; 0 = off."
@@ -218,7 +228,7 @@ class Config:
         "Test-time augmentation at evaluation: flip (original + mirror) or flip-translate (+ four 1-px shifts), "
         "softmax averaged over the views; multi-crop (airbench: original, mirror, and both shifted 1 px up-left "
         "and down-right with reflect padding; logits weighted 1/4, 1/4 and 1/8 each).",
-        choices=transforms.TTA_MODES,
+        choices=TTA_MODES,
     )
     cycle_momentum: bool = _field(
         False,

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxcifar.names import AUGMENT_MODES, PAD_MODES
+
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
     """Returns ``(images / 255 - mean) / std`` as float32 (B, H, W, C)."""
@@ -22,10 +24,6 @@ def denormalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) 
     """Inverse of ``normalize``: returns float32 images in [0, 1] (clipped), same shape."""
     x = images * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
     return jnp.clip(x, 0.0, 1.0)
-
-
-# How ``random_crop`` fills its padding (``Config.pad_mode``): black, or the mirrored border pixels.
-PAD_MODES = ("zeros", "reflect")
 
 
 def pad_images(images: jax.Array, padding: int, pad_mode: str = "zeros") -> jax.Array:
@@ -83,10 +81,6 @@ def cutout(rng: jax.Array, images: jax.Array, size: int) -> jax.Array:
     in_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)
     mask = in_rows[:, :, None] & in_cols[:, None, :]
     return jnp.where(mask[..., None], jnp.zeros((), images.dtype), images)
-
-
-# Training augmentations (``Config.augment``, ``--augment``), in ``augment``'s words.
-AUGMENT_MODES = ("none", "flip", "crop-flip", "crop-flip-cutout")
 
 
 def augment(

@@ -6,7 +6,7 @@ outputs by name and names its Grad-CAM layer (at least 5x5 on 32x32 inputs) in t
 ``gradcam_layer``. A model whose initial weights depend on the training data (airbench's whitening
 filters) has a static ``params_from_data(params, images, mean, std) -> params``, which the run calls
 on its training images right after the random init (``initial_params``). Registering it is one line in
-``_REGISTRY``.
+``_REGISTRY`` and its name in ``jaxcifar.names.MODELS`` (what ``Config`` accepts; checked at import).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxcifar.models.airbench import AirbenchNet
 from jaxcifar.models.resnet import STAGE_NAMES, BasicBlock, ResNet, ResNet18, ResNet34
 from jaxcifar.models.resnet9 import ResNet9
+from jaxcifar.names import DTYPES, MODELS
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
@@ -32,6 +33,11 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 # Config.dtype / --dtype name -> the modules' compute dtype (parameters stay float32 either way). float16
 # trains with dynamic loss scaling (jaxcifar.state.default_dynamic_scale gives a float16 model's state one).
 COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Config validates names without importing jax (jaxcifar.names): the registries must list the same ones.
+for _registry, _names in ((_REGISTRY, MODELS), (COMPUTE_DTYPES, DTYPES)):
+    if sorted(_registry) != sorted(_names):
+        raise ImportError(f"jaxcifar.models registers {sorted(_registry)} but jaxcifar.names lists {sorted(_names)}")
 
 
 def available_models() -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""Shared fixtures. Compiles dominate test time on CPU: small widths, session-scoped runs."""
+"""Shared fixtures. Compiles dominate test time on CPU: small widths, session-scoped runs (their fields, and the
+tiny runs that tests start as commands, are in ``tests/tiny_runs.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from tests import torch_support
 from tests.archive import first_per_class
+from tests.tiny_runs import SYNTHETIC_RUN
 
 # Unit tests compare numbers, not speed: skip XLA's expensive optimization passes.
 jax.config.update("jax_disable_most_optimizations", True)
@@ -69,19 +71,6 @@ def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     found = [p for p in root.rglob("train") if p.is_dir()]
     assert found, f"{SHARED_ARCHIVE} holds no train/ folder"
     return found[0].parent
-
-
-SYNTHETIC_RUN = dict(
-    data_source="synthetic",
-    width=8,
-    epochs=4,
-    batch_size=32,
-    train_subset=512,
-    test_subset=128,
-    lr=0.05,
-    keep_checkpoints=4,
-    log_every=4,
-)
 
 
 @pytest.fixture(scope="session")

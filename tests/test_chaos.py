@@ -23,31 +23,24 @@ from typing import Any
 
 import numpy as np
 
+from tests.tiny_runs import flags, tiny_run
+
 REPO = Path(__file__).resolve().parents[1]
 
 # 3 epochs of 4 steps: the tiny run every chaos launch trains (the same config in every launch).
-RUN = dict(
-    data_source="synthetic",
-    width=4,
-    batch_size=32,
-    eval_batch_size=64,
-    train_subset=128,
-    test_subset=64,
-    epochs=3,
-    lr=0.05,
-    keep_checkpoints=5,
-    log_every=4,
-)
+RUN = tiny_run(epochs=3, keep_checkpoints=5, log_every=4)
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "timing")
 POLL = 0.002  # seconds between looks at the run
 
 
+def run_flags(workdir: Path, resume: bool = False, **changes: Any) -> list[str]:
+    """Returns the flags of the chaos run in ``workdir`` (``changes`` override RUN's fields)."""
+    return flags(**{**RUN, **changes, "workdir": str(workdir), "resume": resume})
+
+
 def command(workdir: Path, resume: bool = False, **changes: Any) -> list[str]:
-    """Returns the argv of the chaos run in ``workdir`` (``changes`` override RUN's fields)."""
-    argv = [sys.executable, "-m", "jaxcifar.train"]
-    for key, value in {**RUN, **changes}.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return [*argv, "--workdir", str(workdir), *(["--resume"] if resume else [])]
+    """Returns the argv of the chaos run in ``workdir``: ``python -m jaxcifar.train`` and ``run_flags``."""
+    return [sys.executable, "-m", "jaxcifar.train", *run_flags(workdir, resume, **changes)]
 
 
 class Launch:

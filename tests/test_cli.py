@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxcifar.cli import config_to_argv, parse_config
 from jaxcifar.config import Config, flag
 from jaxcifar.train import build_parser, main
 
@@ -125,3 +126,72 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "python -m jaxcifar.train: error: --epochs must be >= 1 (see --help)"
     assert "Traceback" not in result.stderr
+
+
+def _candidates(f: dataclasses.Field) -> list:
+    """Values other than the default to try for a Config field (the caller drops those Config refuses)."""
+    kind = str(f.type)
+    if "choices" in f.metadata:
+        return [c for c in f.metadata["choices"] if c != f.default]
+    if kind == "bool":
+        return [not f.default]
+    if kind.startswith("tuple"):
+        return [(1,), (2, 4), (3, 5, 7), (1, 64)]
+    values: list = []
+    if "str" in kind:  # workdir, data_dir, lr ("auto")
+        values += ["runs/a b", "-starts-with-a-dash", "ünï/çødé", "auto"]
+    if "float" in kind:
+        base = 0.5 if f.default is None else f.default
+        values += [base + 0.25, base / 3, 0.0, 1e-7, 1.0, 0.999, 123.456, 2.5e10]
+    if "int" in kind:
+        base = f.default or 1
+        values += [base + 1, base * 3, 0, 1, 7, 2**32 - 1]
+    return [v for v in values if v != f.default]
+
+
+def _valid(**changes) -> Config | None:
+    try:
+        return Config(**changes)
+    except ValueError:
+        return None
+
+
+FIELD_VALUES = {
+    f.name: [c for v in _candidates(f) if (c := _valid(**{f.name: v})) is not None] for f in dataclasses.fields(Config)
+}
+
+
+@pytest.mark.parametrize("name", list(FIELD_VALUES))
+def test_config_to_argv_round_trips_every_value_of_every_field(name):
+    """``parse_config(config_to_argv(c)) == c`` for configs that differ from the defaults in one field, over
+    booleans, tuples, floats (1e-07, 1/3, 2.5e10), None, choices, ``auto`` and a workdir that starts with a dash;
+    the argv holds that field's flag only."""
+    configs = FIELD_VALUES[name]
+    if name == "data_source":  # folder needs --data-dir: the only field that cannot change alone
+        configs = [*configs, Config(data_source="folder", data_dir="data")]
+    assert configs, f"no valid non-default value tried for {name}"
+    for config in configs:
+        argv = config_to_argv(config)
+        assert parse_config(build_parser(), argv) == config, argv
+        flags = [a.split("=")[0] for a in argv if a.startswith("--")]
+        assert flags in ([flag(name)], [flag(name).replace("--", "--no-")], [flag(name), "--data-dir"]), argv
+
+
+def test_config_to_argv_round_trips_a_config_that_changes_every_field_at_once():
+    config = Config()
+    for name, configs in FIELD_VALUES.items():
+        for value in [getattr(c, name) for c in configs]:  # the last one that fits with the others stays
+            config = _valid(**{**config.to_dict(), name: value}) or config
+    changed = [f.name for f in dataclasses.fields(Config) if getattr(config, f.name) != f.default]
+    assert len(changed) > 0.9 * len(FIELD_VALUES), changed  # (a few need companions: e.g. cycle_momentum)
+    argv = config_to_argv(config)
+    assert parse_config(build_parser(), argv) == config
+    assert [a.split("=")[0] for a in argv if a.startswith("--")] == [
+        flag(n).replace("--", "--no-") if getattr(config, n) is False else flag(n) for n in changed
+    ]
+
+
+def test_config_to_argv_of_the_defaults_is_empty_and_refuses_what_no_flag_spells():
+    assert config_to_argv(Config()) == []
+    with pytest.raises(ValueError, match="--milestones: \\(\\) has no command-line spelling"):
+        config_to_argv(Config(milestones=()))

@@ -31,6 +31,7 @@ from jaxcifar.config import Config
 from jaxcifar.data import NORMALIZATION
 from jaxcifar.sources import make_synthetic
 from jaxcifar.state import checkpoint_items, create_train_state, default_dynamic_scale
+from tests.tiny_runs import tiny_run
 
 STEPS, BATCH, WIDTH = 30, 16, 8
 LAST = 5
@@ -245,18 +246,7 @@ def _all_equal(a, b) -> bool:
 def test_float16_fit_resumes_exactly(tmp_path):
     """``--dtype float16`` end to end (config -> model -> state with a loss scale -> steps -> checkpoints): a run
     cut back to epoch 1 (as a crash would) and resumed equals the uninterrupted run, loss scale included."""
-    config = Config(
-        workdir=str(tmp_path / "run"),
-        data_source="synthetic",
-        dtype="float16",
-        width=4,
-        epochs=2,
-        batch_size=32,
-        train_subset=128,
-        test_subset=64,
-        lr=0.05,
-        keep_checkpoints=4,
-    )
+    config = Config(workdir=str(tmp_path / "run"), **tiny_run(dtype="float16", epochs=2, keep_checkpoints=4))
     full = fit(config, verbose=False)
     assert int(full.state.dynamic_scale.fin_steps) == 8  # 2 epochs x 4 steps, none skipped
     workdir = tmp_path / "interrupted"

@@ -29,16 +29,12 @@ from pathlib import Path
 import pytest
 
 from jaxcifar import stderr_guard
+from tests.tiny_runs import flags, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = dict(
-    data_source="synthetic",
-    width=4,
+RUN = tiny_run(
     epochs=2,
-    batch_size=32,
-    eval_batch_size=64,
     train_subset=256,
-    test_subset=64,
     lr=0.002,  # small: this tiny net amplifies float-order differences (see test_two_processes_train_as_one_run)
     log_every=1,  # the running train loss of every step in TensorBoard
 )
@@ -87,10 +83,8 @@ def free_port() -> int:
 
 
 def command(workdir: Path, *extra: str, **changes: object) -> list[str]:
-    argv = [sys.executable, "-m", "jaxcifar.train", "--workdir", str(workdir)]
-    for key, value in {**RUN, **changes}.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv + list(extra)
+    """Returns the argv of the run in ``workdir`` (``changes`` override RUN's fields), then ``extra``."""
+    return [sys.executable, "-m", "jaxcifar.train", *flags(**{**RUN, **changes, "workdir": str(workdir)}), *extra]
 
 
 def env_for(base: dict[str, str], port: int, process: int, processes: int = 2, devices: int = 4) -> dict[str, str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from jaxcifar.testhooks import PAUSE_ENV
-from tests.test_chaos import RUN, Launch, command, differences, history_epochs, run_to_end, wait_for_moment
+from tests.test_chaos import RUN, Launch, command, differences, history_epochs, run_flags, run_to_end, wait_for_moment
 from tests.test_user_errors import _keep_signal_handlers, one_error_line, tree_digest  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_lr_find_and_report_refuse_a_live_run(reference, tmp_path, chaos_env, ca
     try:
         assert wait_paused(owner, gate), f"the resumed run ended: {owner.err}"
         before = tree_digest(workdir)
-        train_flags = command(workdir)[3:]
+        train_flags = run_flags(workdir)
         for prog, main, argv in [
             ("lr_find", lr_find.main, [*train_flags, "--lr-find-steps", "5"]),
             ("report", report.main, ["--workdir", str(workdir)]),
@@ -345,7 +345,7 @@ def test_lr_find_and_report_refuse_a_held_workdir(holder, capfd):
     workdir, process = holder
     before = tree_digest(workdir)
     for prog, main, argv in [
-        ("lr_find", lr_find.main, [*command(workdir)[3:], "--lr-find-steps", "5"]),
+        ("lr_find", lr_find.main, [*run_flags(workdir), "--lr-find-steps", "5"]),
         ("report", report.main, ["--workdir", str(workdir)]),
     ]:
         capfd.readouterr()

@@ -23,40 +23,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SYNTHETIC_RUN
+from tests.tiny_runs import SYNTHETIC_RUN, flags, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The tiny run every train/lr_find case starts from: valid on its own (4 onecycle steps).
-TINY = dict(
-    data_source="synthetic",
-    width=4,
-    batch_size=32,
-    eval_batch_size=32,
-    train_subset=128,
-    test_subset=32,
-    epochs=1,
-    lr=0.05,
-    log_every=1,
-)
-
-
-def flags(values: dict) -> list[str]:
-    """Returns the command-line flags of a dict of Config fields."""
-    argv = []
-    for key, value in values.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
-
-
-TINY_ARGS = flags(TINY)
-SYNTHETIC_RUN_ARGS = flags(SYNTHETIC_RUN)  # the conftest run `synthetic_run`, as flags
+TINY = tiny_run(eval_batch_size=32, test_subset=32, log_every=1)
+TINY_ARGS = flags(**TINY)
+SYNTHETIC_RUN_ARGS = flags(**SYNTHETIC_RUN)  # the conftest run `synthetic_run`, as flags
 
 
 def tree_digest(root: Path) -> dict[str, str] | None:
@@ -322,16 +304,60 @@ def test_user_error(case: Case, tmp_path, request, monkeypatch, capfd):
     assert tree_digest(tmp_path) == before, f"files changed under {tmp_path}"
 
 
-def test_main_leaves_signal_handlers_as_it_found_them(tmp_path, capfd):
-    """``main`` is callable from Python (notebooks, tests): after it returns or exits, Ctrl-C must
-    again do what it did before (not end the process with ``os._exit``)."""
+@pytest.mark.parametrize(
+    ("changes", "code", "says"),
+    [
+        # Set up (data loaded, test hook passed), then refused: 1 step is too few for onecycle.
+        ({"train_subset": 32}, 2, "--schedule onecycle needs more than"),
+        # A whole run: compiled, trained, evaluated, checkpointed (the cheapest model to compile).
+        pytest.param({"model": "resnet9"}, 0, "epoch 1/1", marks=pytest.mark.slow),
+    ],
+    ids=["refused-after-set-up", "whole-run"],
+)
+def test_main_leaves_signal_handlers_as_it_found_them(tmp_path, capfd, monkeypatch, changes, code, says):
+    """``main`` is callable from Python (notebooks, tests): a tiny run through it leaves Ctrl-C and SIGTERM
+    to the caller, during the run (seen at the ``after-data`` test hook: the run is set up, its data loaded)
+    and after it returns or exits: the caller's handlers and signal wakeup fd, not ``interrupts``' handlers
+    that end the process with ``os._exit``."""
+    from jaxcifar.testhooks import PAUSE_ENV
     from jaxcifar.train import main
 
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit):
-        main([*TINY_ARGS, "--epochs", "0", "--workdir", str(tmp_path / "w")])
-    capfd.readouterr()
-    assert signal.getsignal(signal.SIGINT) is before
+    def callers_handler(signum, frame):
+        raise AssertionError("not called: no signal is sent")
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        signal.signal(signum, callers_handler)  # the autouse fixture puts pytest's back
+    wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+    gate = tmp_path / "go"
+    monkeypatch.setenv(PAUSE_ENV, f"after-data:{gate}")
+    during: list[dict] = []
+
+    def look_during_the_run() -> None:  # signal.getsignal works from any thread
+        deadline = time.monotonic() + 300
+        while not gate.exists() and time.monotonic() < deadline:
+            if Path(f"{gate}.reached").exists():
+                during.append({s: signal.getsignal(s) for s in signals})
+                gate.touch()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=look_during_the_run, daemon=True)
+    watcher.start()
+    try:
+        try:
+            ended = main(flags(**{**TINY, **changes, "workdir": str(tmp_path / "w")}))
+        except SystemExit as e:
+            ended = e.code
+    finally:
+        gate.touch()
+        watcher.join()
+    out, err = capfd.readouterr()
+    assert ended == code and says in out + err, out + err
+    # It got through the set-up to the hook (after the data), and the handlers there were the caller's.
+    assert during == [{s: callers_handler for s in signals}], "the run took over a signal (or never paused)"
+    assert all(signal.getsignal(s) is callers_handler for s in signals)
+    assert signal.set_wakeup_fd(wakeup) == wakeup
 
 
 # The same errors as whole processes: exactly one stderr line from start to exit (no warnings, log
