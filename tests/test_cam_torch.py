@@ -55,7 +55,15 @@ REFERENCE = {
     "fullgrad": "FullGrad",  # ignores the layer: every BatchNorm (and biased convolution) and the input
 }
 # Modules of pytorch-grad-cam that call get_2d_projection (patched to apply jaxcifar's sign convention).
-_PROJECTING = ("base_cam", "hirescam", "grad_cam_elementwise", "layer_cam", "eigen_cam", "eigen_grad_cam")
+_PROJECTING = (
+    "base_cam",
+    "hirescam",
+    "grad_cam_elementwise",
+    "layer_cam",
+    "eigen_cam",
+    "eigen_grad_cam",
+    "fullgrad_cam",
+)
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +208,7 @@ def test_every_method_matches_pytorch_grad_cam(pair, layer, method):
         ("gradcam++", {"aug_smooth": True}),
         ("eigencam", {"aug_smooth": True}),
         ("scorecam", {"eigen_smooth": True}),
+        ("fullgrad", {"eigen_smooth": True}),
         ("layercam", {"eigen_smooth": True, "aug_smooth": True, "target": "softmax"}),
     ],
 )
@@ -251,6 +260,12 @@ def test_faithfulness_metrics_match_pytorch_grad_cam(pair):
         "lerf_auto": cam_metrics.road(*args, percentile="auto", most_relevant_first=False),
     }
     noisy = cam_metrics.road(*args, noise=0.01, key=jax.random.PRNGKey(0))
+    together = cam_metrics.faithfulness(*args)  # the report's one call: the same numbers
+    for name, key in (("change", "confidence_change"), ("morf", "road_morf"), ("increase", "increase_in_confidence")):
+        np.testing.assert_allclose(together[key], expected[name], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(
+        together["road_lerf"], cam_metrics.road(*args, most_relevant_first=False), rtol=1e-4, atol=1e-6
+    )
     for name, values in expected.items():
         assert values.shape == (len(TARGETS),)
         np.testing.assert_allclose(np.asarray(ours[name]), values, rtol=1e-4, atol=1e-6, err_msg=name)
