@@ -64,7 +64,7 @@ def main() -> None:
                 imputer(torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(k.astype(np.float32)))
                 .numpy()
                 .transpose(1, 2, 0)
-                for image, k in zip(images, keep)
+                for image, k in zip(images, keep, strict=True)
             ]
         )
         record["torch_impute_s"] = time.perf_counter() - start
