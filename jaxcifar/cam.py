@@ -38,6 +38,9 @@ channels: the layers before ``layer`` do not depend on the mapped axis, so they 
 ``aug_smooth`` averages the maps of 6 views (horizontal flip x brightness 0.9, 1.0, 1.1 on the
 normalized images, as pytorch-grad-cam's default ttach transforms), each flipped back, without a final
 rescale. Without ``targets`` every view explains its own predicted class, as pytorch-grad-cam does.
+
+FullGrad uses no layer (see ``_fullgrad_maps``); its ``eigen_smooth`` is pytorch-grad-cam's too: the
+principal component of its per-layer maps at 1/8 of the image size, with the sign convention above.
 """
 
 from __future__ import annotations
@@ -334,7 +337,7 @@ def _fullgrad_maps(
         layer_maps.append(jax.image.resize(summed, (summed.shape[0], *size), method="bilinear", antialias=False))
     if not eigen_smooth:
         return gradcam.minmax_normalize(jnp.sum(input_maps, axis=-1) + sum(layer_maps))
-    stacked = _per_channel_minmax(jnp.concatenate([input_maps, jnp.stack(layer_maps, axis=-1)], axis=-1))
+    stacked = _per_channel_minmax(jnp.concatenate([input_maps, *(m[..., None] for m in layer_maps)], axis=-1))
     small = (len(images), size[0] // 8, size[1] // 8, stacked.shape[-1])
     projection = eigen_projection(jax.image.resize(stacked, small, method="bilinear", antialias=False))
     return gradcam.scale_cam(projection, size)
