@@ -123,7 +123,8 @@ def impute(images: jax.Array, keep: jax.Array, noise: float = 0.0, key: jax.Arra
 
 def otsu_threshold(levels: jax.Array) -> jax.Array:
     """(B, H, W) uint8 -> (B,) int32 Otsu's threshold of each image as OpenCV's ``THRESH_OTSU`` picks it:
-    the first level t that maximizes the between-class variance of the levels <= t and > t (0 if none)."""
+    the first level t that maximizes the between-class variance of the levels <= t and > t (0 if none).
+    In float32 (OpenCV: float64), so two levels whose variances tie to ~1e-7 could be picked differently."""
     counts = jax.vmap(lambda x: jnp.bincount(x.ravel(), length=256))(levels)
     p = counts.astype(jnp.float32) / levels[0].size
     q1 = jnp.cumsum(p, axis=-1)
