@@ -38,6 +38,9 @@ channels: the layers before ``layer`` do not depend on the mapped axis, so they 
 ``aug_smooth`` averages the maps of 6 views (horizontal flip x brightness 0.9, 1.0, 1.1 on the
 normalized images, as pytorch-grad-cam's default ttach transforms), each flipped back, without a final
 rescale. Without ``targets`` every view explains its own predicted class, as pytorch-grad-cam does.
+
+FullGrad uses no layer (see ``_fullgrad_maps``); its ``eigen_smooth`` is pytorch-grad-cam's too: the
+principal component of its per-layer maps at 1/8 of the image size, with the sign convention above.
 """
 
 from __future__ import annotations
@@ -299,9 +302,17 @@ def _per_channel_minmax(x: jax.Array) -> jax.Array:
 
 
 def _fullgrad_maps(
-    model: nn.Module, variables: dict[str, Any], images: jax.Array, targets: jax.Array | None, target: str
+    model: nn.Module,
+    variables: dict[str, Any],
+    images: jax.Array,
+    targets: jax.Array | None,
+    target: str,
+    eigen_smooth: bool = False,
 ) -> jax.Array:
-    """FullGrad (arXiv:1905.00780) as pytorch-grad-cam computes it: (B, H, W) in [0, 1]."""
+    """FullGrad (arXiv:1905.00780) as pytorch-grad-cam computes it: (B, H, W) in [0, 1]. With
+    ``eigen_smooth``, as there: the input's 3 maps and each layer's map (min-max scaled) are resized to
+    1/8 of the image, replaced by their first principal component (``eigen_projection``), and that is
+    scaled back up (no ReLU)."""
     with nn.intercept_methods(_fullgrad_interceptor):
         zeros = _zero_perturbations(model, variables, images)
 
@@ -314,16 +325,22 @@ def _fullgrad_maps(
 
         (grads, input_grad), intermediates = jax.grad(score, argnums=(0, 1), has_aux=True)(zeros, images)
     size = images.shape[1:3]
-    total = jnp.sum(_per_channel_minmax(jnp.abs(input_grad * images)), axis=-1)
+    input_maps = _per_channel_minmax(jnp.abs(input_grad * images))  # (B, H, W, C)
     biases = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
     flat_grads = flax.traverse_util.flatten_dict(flax.core.unfreeze(grads))
+    layer_maps = []
     for path, (bias,) in biases.items():
         if path[-1] != "fullgrad_bias":
             continue
         grad = flat_grads[(*path[:-1], "fullgrad")]
         summed = jnp.sum(_per_channel_minmax(jnp.abs(bias * grad)), axis=-1)  # resizing is linear: sum first
-        total = total + jax.image.resize(summed, (summed.shape[0], *size), method="bilinear", antialias=False)
-    return gradcam.minmax_normalize(total)
+        layer_maps.append(jax.image.resize(summed, (summed.shape[0], *size), method="bilinear", antialias=False))
+    if not eigen_smooth:
+        return gradcam.minmax_normalize(jnp.sum(input_maps, axis=-1) + sum(layer_maps))
+    stacked = _per_channel_minmax(jnp.concatenate([input_maps, *(m[..., None] for m in layer_maps)], axis=-1))
+    small = (len(images), size[0] // 8, size[1] // 8, stacked.shape[-1])
+    projection = eigen_projection(jax.image.resize(stacked, small, method="bilinear", antialias=False))
+    return gradcam.scale_cam(projection, size)
 
 
 def _maps(
@@ -340,7 +357,7 @@ def _maps(
     """(B, H, W) maps in [0, 1] of one batch (no augmentation)."""
     size = images.shape[1:3]
     if method == "fullgrad":
-        return _fullgrad_maps(model, variables, images, targets, target)
+        return _fullgrad_maps(model, variables, images, targets, target, eigen_smooth)
     if method in GRADIENT_METHODS:
         activation, grads, _, _ = activations_and_gradients(model, layer, variables, images, targets, target)
         return gradient_maps(method, activation, grads, size, eigen_smooth)
@@ -441,8 +458,6 @@ def cam(
         raise ValueError(f"unknown CAM method {method!r}; available: {', '.join(METHODS)}")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
-    if method == "fullgrad" and eigen_smooth:
-        raise ValueError("eigen_smooth is not available for fullgrad")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     images = jnp.asarray(images)

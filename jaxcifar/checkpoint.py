@@ -328,7 +328,7 @@ def load_variables(
     for folder in ("best", "checkpoints"):
         if not committed_steps(workdir / folder):
             continue
-        manager = ocp.CheckpointManager(workdir / folder, options=ocp.CheckpointManagerOptions(read_only=True))
+        manager = _read_only_manager(workdir / folder)
         try:
             found = _restore_newest(manager, abstract, partial=True)
         except CheckpointError as e:
@@ -343,3 +343,21 @@ def load_variables(
 
 
 _WEIGHTS = ("params", "batch_stats")
+_READ_ONLY_NOTICE = "Given directory is read only"  # orbax logs it (absl, WARNING) for every read-only manager
+
+
+def _read_only_manager(folder: Path) -> ocp.CheckpointManager:
+    """Returns an orbax CheckpointManager that only reads ``folder``, quietly: its options already say what
+    ``read_only`` implies (orbax warns for each one it has to change), and orbax's notice that the folder
+    is read only, which every such manager logs, is dropped."""
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    absl_logger = logging.getLogger("absl")
+
+    def not_the_notice(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_READ_ONLY_NOTICE)
+
+    absl_logger.addFilter(not_the_notice)
+    try:
+        return ocp.CheckpointManager(folder, options=options)
+    finally:
+        absl_logger.removeFilter(not_the_notice)

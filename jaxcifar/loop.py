@@ -17,6 +17,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,7 +27,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():
+    # In a notebook without ipywidgets tqdm.auto warns, then falls back to the text bar: that fallback is fine.
+    warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
+    from tqdm.auto import tqdm
 
 from jaxcifar import backend, distributed, optim, sizing, steps, testhooks
 from jaxcifar.augmentation import AugmentSpec

@@ -56,7 +56,15 @@ REFERENCE = {
     "fullgrad": "FullGrad",  # ignores the layer: every BatchNorm (and biased convolution) and the input
 }
 # Modules of pytorch-grad-cam that call get_2d_projection (patched to apply jaxcifar's sign convention).
-_PROJECTING = ("base_cam", "hirescam", "grad_cam_elementwise", "layer_cam", "eigen_cam", "eigen_grad_cam")
+_PROJECTING = (
+    "base_cam",
+    "hirescam",
+    "grad_cam_elementwise",
+    "layer_cam",
+    "eigen_cam",
+    "eigen_grad_cam",
+    "fullgrad_cam",
+)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +209,7 @@ def test_every_method_matches_pytorch_grad_cam(pair, layer, method):
         ("gradcam++", {"aug_smooth": True}),
         ("eigencam", {"aug_smooth": True}),
         ("scorecam", {"eigen_smooth": True}),
+        ("fullgrad", {"eigen_smooth": True}),
         ("layercam", {"eigen_smooth": True, "aug_smooth": True, "target": "softmax"}),
     ],
 )
@@ -216,8 +225,8 @@ def test_options_match_pytorch_grad_cam(pair, method, options):
 
 @pytest.mark.slow
 def test_faithfulness_metrics_match_pytorch_grad_cam(pair):
-    """Confidence change (and drop / increase) and ROAD (zero noise) on pytorch-grad-cam's own maps, in
-    float32 (pytorch-grad-cam's imputer writes float32 values into the image)."""
+    """Confidence change (and drop / increase) and ROAD (zero noise; percentiles and "auto") on
+    pytorch-grad-cam's own maps, in float32 (pytorch-grad-cam's imputer writes float32 values into the image)."""
     from pytorch_grad_cam.metrics import cam_mult_image, perturbation_confidence, road
 
     net, _, _, x = pair
@@ -234,6 +243,8 @@ def test_faithfulness_metrics_match_pytorch_grad_cam(pair):
     for name, percentile, remove in (
         ("morf", 80, perturbation_confidence.RemoveMostRelevantFirst),
         ("lerf", 30, perturbation_confidence.RemoveLeastRelevantFirst),
+        ("morf_auto", "auto", perturbation_confidence.RemoveMostRelevantFirst),
+        ("lerf_auto", "auto", perturbation_confidence.RemoveLeastRelevantFirst),
     ):
         metric = perturbation_confidence.PerturbationConfidenceMetric(
             remove(percentile, road.NoisyLinearImputer(noise=0.0))
@@ -246,12 +257,21 @@ def test_faithfulness_metrics_match_pytorch_grad_cam(pair):
         "increase": cam_metrics.increase_in_confidence(*args),
         "morf": cam_metrics.road(*args, most_relevant_first=True),
         "lerf": cam_metrics.road(*args, percentile=30, most_relevant_first=False),
+        "morf_auto": cam_metrics.road(*args, percentile="auto", most_relevant_first=True),
+        "lerf_auto": cam_metrics.road(*args, percentile="auto", most_relevant_first=False),
     }
     noisy = cam_metrics.road(*args, noise=0.01, key=jax.random.PRNGKey(0))
+    together = cam_metrics.faithfulness(*args)  # the report's one call: the same numbers
+    for name, key in (("change", "confidence_change"), ("morf", "road_morf"), ("increase", "increase_in_confidence")):
+        np.testing.assert_allclose(together[key], expected[name], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(
+        together["road_lerf"], cam_metrics.road(*args, most_relevant_first=False), rtol=1e-4, atol=1e-6
+    )
     for name, values in expected.items():
         assert values.shape == (len(TARGETS),)
         np.testing.assert_allclose(np.asarray(ours[name]), values, rtol=1e-4, atol=1e-6, err_msg=name)
     assert 0 < expected["increase"].sum() < len(TARGETS) and np.abs(expected["morf"]).max() > 1e-3
+    assert np.abs(expected["morf_auto"]).max() > 1e-3 and np.abs(expected["lerf_auto"]).max() > 1e-3
     assert 0 < np.abs(np.asarray(noisy) - expected["morf"]).max() < 0.5  # seeded noise moves the scores a little
 
 
