@@ -34,11 +34,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxcifar import analysis, cam, cam_metrics, cli, gradcam, interop, models, optim, parallel, plots, transforms
-from jaxcifar.checkpoint import load_variables, saved_config
+from jaxcifar.checkpoint import load_variables
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileError
-from jaxcifar.files import check_name, ensure_dir, read_history, save_figure, write_json
+from jaxcifar.files import check_name, ensure_dir, save_figure, write_json
+from jaxcifar.layout import RunDir
 from jaxcifar.network import build_model
 from jaxcifar.workdir import WorkdirLock
 from jaxcifar.writers import TensorBoardWriter
@@ -87,14 +88,14 @@ class Report:
 
 def load_run_config(workdir: str | Path) -> Config:
     """Returns the Config saved in ``workdir/config.json`` (CheckpointError when absent or unreadable)."""
-    path = check_name(workdir, "--workdir") / "config.json"
+    rundir = RunDir(check_name(workdir, "--workdir"))
     if Path(workdir).exists() and not Path(workdir).is_dir():
         raise CheckpointError(f"--workdir {workdir} is a file, not a folder")
     if not Path(workdir).is_dir():
         raise CheckpointError(f"--workdir {workdir}: no such folder")
-    if not path.is_file():
+    if not rundir.config_json.is_file():
         raise CheckpointError(f"--workdir {workdir}: no config.json (not a jaxcifar training workdir)")
-    return saved_config(workdir)
+    return rundir.saved_config()
 
 
 def lr_per_step(config: Config, num_train: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +144,7 @@ def _make_report(
     if out_dir is not None:
         check_name(out_dir, "--out-dir", utf8=False)
     config = config or load_run_config(workdir)
-    history = read_history(workdir)
+    history = RunDir(workdir).read_history()
     dataset = dataset or load_dataset(config)
     model = build_model(config, jax.devices()[:1])
     variables, meta = load_variables(workdir, model, ema=config.ema_decay is not None)
@@ -264,7 +265,7 @@ def explain(
     figures["confusion"] = plots.plot_confusion(confusion, names, dpi=dpi)
 
     ensure_dir(out, "--out-dir")
-    paths = {name: out / f"{name}.png" for name in figures}
+    paths = {name: RunDir(out).figure(name) for name in figures}
     for name, fig in figures.items():
         save_figure(fig, paths[name], dpi=dpi)
     summary = {
@@ -286,13 +287,13 @@ def explain(
     }
     if cam_summary is not None:
         summary["cam"] = cam_summary
-        writer = TensorBoardWriter(out / "tensorboard")
+        writer = TensorBoardWriter(RunDir(out).tensorboard)
         try:
             writer.add_image("report/cam", plots.figure_to_array(figures["cam"]), 0)
             writer.flush()
         finally:
             writer.close()
-    write_json(out / "report.json", summary)
+    write_json(RunDir(out).report_json, summary)
     return Report(summary=summary, figures=figures, paths=paths)
 
 
@@ -445,8 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
 
     def interrupted() -> str:
-        names = [f"{name}.png" for name in (*FIGURES, "cam")] + ["report.json"]
-        done = [n for n in names if (out / n).is_file() and (out / n).stat().st_mtime >= started]
+        paths = [RunDir(out).figure(name) for name in (*FIGURES, "cam")] + [RunDir(out).report_json]
+        done = [p.name for p in paths if p.is_file() and p.stat().st_mtime >= started]
         written = f"{', '.join(done)} written (complete files)" if done else "no report file written"
         return f"{written} in {out}"
 

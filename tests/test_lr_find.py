@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxcifar import Config, load_dataset, steps
+from jaxcifar import Config, load_dataset, setup, steps
 from jaxcifar import lr_find as lr_find_module
 from jaxcifar.lr_find import SMOOTHING, lr_find, steepest, suggestions, valley
 
@@ -96,7 +96,7 @@ def test_lr_find_end_to_end_suggests_the_minimum(monkeypatch, tmp_path):
         return step
 
     monkeypatch.setattr(steps, "make_train_step", fake_make_train_step)
-    monkeypatch.setattr(lr_find_module, "create_train_state", lambda *args, **kwargs: {"placeholder": np.zeros(())})
+    monkeypatch.setattr(setup, "create_train_state", lambda *args, **kwargs: {"placeholder": np.zeros(())})
     config = Config(data_source="synthetic", width=4, batch_size=32, train_subset=STEPS * 32, test_subset=32)
     config = config.replace(lr_find_start=START, lr_find_end=END, lr_find_steps=STEPS)
     result = lr_find(config, load_dataset(config), out_dir=tmp_path, verbose=False)

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from jaxcifar import CheckpointError, Config, ConfigError, backend, fit, load_dataset, optim, parallel, steps
-from jaxcifar.files import read_history
+from jaxcifar.layout import RunDir
 from jaxcifar.network import build_model
 from jaxcifar.state import create_train_state
 
@@ -34,7 +34,7 @@ def test_workdir_outputs(synthetic_run):
     config, result = synthetic_run
     workdir = Path(config.workdir)
     assert Config.load(workdir / "config.json") == config
-    history = read_history(workdir)
+    history = RunDir(workdir).read_history()
     assert history == result.history and len(history) == 4
     keys = {"epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr"} | {
         "seconds",
@@ -156,16 +156,16 @@ def test_fit_evaluates_in_chunks_on_one_cpu_device():
 def _tiny_run(tmp_path: Path, **overrides):
     """A set-up run (``loop.set_up``) of a width-4 ResNet18 on 128 synthetic images and its initial state."""
     from jaxcifar import loop
+    from jaxcifar.setup import RunSetup
 
     config = Config(
         data_source="synthetic", width=4, epochs=2, batch_size=32, eval_batch_size=64, train_subset=128,
         test_subset=64, lr=0.05, log_every=2, workdir=str(tmp_path / "run"), compile_cache=False, **overrides,
     )  # fmt: skip
-    mesh, model = loop.mesh_and_model(config)
-    dataset = load_dataset(config)
-    tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
-    state = jax.device_put(create_train_state(model, tx, config.seed), parallel.replicated(mesh))
-    run = loop.set_up(config, dataset, state, [], schedule, mesh, Path(config.workdir), verbose=False)
+    setup = RunSetup.create(config, verbose=False)
+    tx, schedule = setup.training_optimizer()
+    state = setup.initial_state(tx)
+    run = loop.set_up(setup, state, [], schedule, RunDir(config.workdir), verbose=False)
     return run, state
 
 
@@ -199,13 +199,11 @@ def test_an_epoch_reads_no_scalar_back_from_the_device(tmp_path, monkeypatch):
 
 def test_a_train_step_updates_the_batchnorm_statistics(tmp_path):
     """A frozen BatchNorm (statistics not carried out of the step) would still train; this catches it at once."""
-    from jaxcifar import loop
 
     run, state = _tiny_run(tmp_path)
     try:
         before = jax.device_get(state.batch_stats)
-        rows = loop.shuffled_index_rows(run.shuffle_key, 128, 4, 32)
-        batch = run.gather(run.train.images, run.train.labels, rows, 0)
+        batch = run.setup.batch(run.setup.epoch_rows(1), 0)
         state, _ = run.train_step(state, batch)
         after = jax.device_get(state.batch_stats)
         changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
