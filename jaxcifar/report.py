@@ -1,7 +1,7 @@
 """Explain a trained run: ``make_report(workdir)`` and ``python -m jaxcifar.report``.
 
 Loads a workdir's best checkpoint, predicts a whole split, and writes into the workdir:
-``curves.png`` (loss and accuracy per epoch), ``lr.png`` (the learning rate per step),
+``curves.png`` (loss and accuracy per epoch), ``lr.png`` (the learning rate of every step, against the epoch),
 ``misclassified.png`` (the N most confident mistakes), ``gradcam.png`` (Grad-CAM of the predicted
 class on those N images),
 ``confusion.png`` and ``report.json`` (accuracy, per-class accuracy, confusion matrix, the
@@ -100,10 +100,15 @@ def load_run_config(workdir: str | Path) -> Config:
 
 def lr_per_step(config: Config, num_train: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (steps int (T,), learning rates float32 (T,)) of the run's schedule over all its steps."""
-    steps_per_epoch = max(1, num_train // config.batch_size)
+    steps_per_epoch = run_steps_per_epoch(config, num_train)
     schedule = optim.make_schedule(config, steps_per_epoch)
     steps = np.arange(config.epochs * steps_per_epoch)
     return steps, np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
+
+
+def run_steps_per_epoch(config: Config, num_train: int) -> int:
+    """Returns the train steps per epoch of a run of ``config`` on ``num_train`` images (at least 1)."""
+    return max(1, num_train // config.batch_size)
 
 
 def make_report(
@@ -150,7 +155,11 @@ def _make_report(
     variables, meta = load_variables(workdir, model, ema=config.ema_decay is not None)
     figures = {
         "curves": plots.plot_curves(history, dpi=options.dpi),
-        "lr": plots.plot_lr(lr_per_step(config, len(dataset.train)), dpi=options.dpi),
+        "lr": plots.plot_lr(
+            lr_per_step(config, len(dataset.train)),
+            dpi=options.dpi,
+            steps_per_epoch=run_steps_per_epoch(config, len(dataset.train)),
+        ),
     }
     checkpoint = {"epoch": meta.get("epoch"), "step": meta.get("step")}
     return explain(model, variables, dataset, options, Path(out_dir or workdir), figures, checkpoint)
