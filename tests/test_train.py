@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -70,12 +71,17 @@ def test_resume_equals_uninterrupted_run(synthetic_run, tmp_path):
     )
 
 
-def test_existing_run_is_not_overwritten_without_resume(synthetic_run):
+@pytest.mark.parametrize("entry", ["run", "fit"])
+def test_existing_run_is_not_overwritten_without_resume(synthetic_run, entry):
+    """``jaxcifar.run(config)`` then ``run``/``fit`` of the same config: refused, in the Python API's words."""
+    import jaxcifar
+
     config, _ = synthetic_run
     before = sorted(str(p.relative_to(config.workdir)) for p in Path(config.workdir).rglob("*"))
     history = Path(config.workdir, "history.json").read_text()
-    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
-        fit(config, verbose=False)
+    python = re.escape("already holds a run; pass --resume (in Python: config.replace(resume=True))")
+    with pytest.raises(CheckpointError, match=python):
+        getattr(jaxcifar, entry)(config, verbose=False)
     after = sorted(str(p.relative_to(config.workdir)) for p in Path(config.workdir).rglob("*"))
     assert before == after and Path(config.workdir, "history.json").read_text() == history
 
