@@ -75,7 +75,7 @@ def _run(config: Config, rundir: RunDir, dataset: Dataset | None, verbose: bool,
         dataset = prepared.dataset
         with timing.phase("lr_find"):
             found = range_test(prepared, rundir if parallel.is_main_process() else None, verbose=main)
-        echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see lr_find.png", main)
+        echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see {rundir.lr_find_png}", main)
         config = config.replace(lr=found.suggestion)
         prepared = prepared.with_config(config)
     result = train(config, rundir, meta, dataset, setup=prepared, verbose=verbose, timing=timing)
