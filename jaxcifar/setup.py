@@ -152,7 +152,8 @@ class RunSetup:
         ``checked_dataset``, with the ``steps_per_epoch`` of a resumed run) on ``mesh_model`` (default:
         ``mesh_and_model(config)``). Prints the devices line (every
         process) and the data and model lines (process 0) when ``verbose``. ``timing`` gets the seconds of
-        ``init`` and ``data``. Raises ConfigError/DataError before anything is compiled."""
+        ``init`` and ``data``. Raises ConfigError/DataError before anything is compiled (also for an LR schedule
+        that these steps cannot make, when ``lr`` is a number)."""
         timing = timing or Timing()
         if config.compile_cache:
             backend.enable_compile_cache(default_cache_dir() / "xla")
@@ -161,6 +162,8 @@ class RunSetup:
         echo(parallel.describe(mesh), verbose)
         with timing.phase("data"):
             dataset = checked_dataset(config, dataset, steps_per_epoch)
+        if not isinstance(config.lr, str):  # a schedule these steps cannot make (--pct-start) refused before any work
+            optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
         setup = cls(
             config=config,
             mesh=mesh,
