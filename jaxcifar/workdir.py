@@ -219,9 +219,9 @@ def holding(
     multi-process run process 0 takes it (it writes the run's files) and every process goes on only once
     it has it (one collective); a refusal ends every process with a CheckpointError. Re-entrant as
     ``WorkdirLock``. ``is_main`` and ``every_process`` come from ``jaxcifar.parallel`` (``is_main_process()``,
-    ``every_process``); the defaults are a single process's (this module imports no jax: it is read at an
-    interrupt). The command calls ``claim_workdir`` once it has decided to write the workdir; until then
-    the lock leaves no trace on disk."""
+    ``every_process``); the defaults are a single process's (this module does not import ``parallel``, so
+    the lock's code uses no jax). The command calls ``claim_workdir`` once it has decided to write the
+    workdir; until then the lock leaves no trace on disk."""
     path = check_workdir(workdir)
     lock = WorkdirLock(path) if is_main else None
     refusal = None
