@@ -1,12 +1,7 @@
-"""Workdir layout and orbax checkpoints (latest N and best), with run metadata beside the state.
+"""orbax checkpoints of a run (latest N and best), with run metadata beside the state.
 
-Layout of a workdir::
-
-    config.json         the run's Config
-    history.json        one dict per finished epoch
-    checkpoints/<step>/ the latest ``keep_checkpoints`` states (+ metadata: epoch, history, best)
-    best/<step>/        the state with the best selection accuracy so far
-    tensorboard/        event files
+Where they live in the workdir (``checkpoints/<step>/``, ``best/<step>/``, ``config.json``, ...) is
+``layout.RunDir``; docs/workdir.md lists every file.
 """
 
 from __future__ import annotations
@@ -27,9 +22,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxcifar.config import Config, flag
-from jaxcifar.errors import CheckpointError, ConfigError, JaxcifarError
+from jaxcifar.errors import CheckpointError, ConfigError
+from jaxcifar.layout import RunDir, committed_steps
 from jaxcifar.state import TrainState, checkpoint_items
-from jaxcifar.workdir import checkpoint_meta, committed_steps
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +51,6 @@ RESUME_FREE_FIELDS = (
 )
 
 
-def has_checkpoint(workdir: str | Path) -> bool:
-    """True when the workdir holds at least one committed checkpoint."""
-    return bool(committed_steps(Path(workdir) / "checkpoints"))
-
-
-def saved_config(workdir: str | Path) -> Config:
-    """Returns the Config in ``workdir/config.json``; CheckpointError when it is absent or unreadable."""
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{workdir} holds no config.json; cannot tell what run made it")
-    try:
-        return Config.load(path)
-    except JaxcifarError as e:
-        raise CheckpointError(f"unreadable config: {e}") from None
-
-
 def resume_config(workdir: str | Path, config: Config) -> Config:
     """Returns the config to resume ``workdir`` with: ``config``, with ``lr`` from the saved config
     when ``config.lr`` is ``auto`` (the LR range test ran when the run started).
@@ -79,7 +58,7 @@ def resume_config(workdir: str | Path, config: Config) -> Config:
     Raises ConfigError listing every field outside ``RESUME_FREE_FIELDS`` whose value differs from the
     saved config (``--flag SAVED (saved) vs NOW (now)``): resuming would silently make another run.
     """
-    saved = saved_config(workdir)
+    saved = RunDir(workdir).saved_config()
     if config.lr == "auto":
         config = config.replace(lr=saved.lr)
     diffs = [
@@ -96,7 +75,7 @@ def resume_config(workdir: str | Path, config: Config) -> Config:
         )
         raise ConfigError(
             f"--resume {workdir}: the saved run differs in {'; '.join(diffs)}. Resume with the saved values "
-            f"(python -m jaxcifar.train --config {Path(workdir) / 'config.json'} --resume) or use another "
+            f"(python -m jaxcifar.train --config {RunDir(workdir).config_json} --resume) or use another "
             f"--workdir{hint}"
         )
     return config
@@ -121,13 +100,14 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, keep: int = 2, asynchronous: bool = True):
         workdir = Path(workdir).absolute()
         self.workdir = workdir
+        self.rundir = RunDir(workdir)
         self.unreadable: list[int] = []
         self.asynchronous = asynchronous
         self.pending: int | None = None  # the step being written in the background
         self.failed: CheckpointError | None = None  # a background write that failed: every later wait raises it
         drop_closed_loop_callbacks()
-        self.latest = _manager(workdir / "checkpoints", keep, asynchronous)
-        self.best = _manager(workdir / "best", 1, asynchronous)
+        self.latest = _manager(self.rundir.checkpoints, keep, asynchronous)
+        self.best = _manager(self.rundir.best, 1, asynchronous)
 
     def save(self, state: TrainState, meta: dict[str, Any], is_best: bool) -> None:
         """Saves the state as the latest checkpoint, and as best when ``is_best``: returns once committed,
@@ -178,12 +158,12 @@ class Checkpointer:
         (kept for inspection; the resumed run writes those steps anew)."""
         if not self.unreadable:
             return
-        aside = self.workdir / "unreadable-checkpoints"
+        aside = self.rundir.unreadable_checkpoints
         aside.mkdir(exist_ok=True)
         for step in self.unreadable:
             target = aside / f"{step}-{int(time.time())}"
-            os.replace(self.workdir / "checkpoints" / str(step), target)
-            print(f"moved the unreadable checkpoint {self.workdir / 'checkpoints' / str(step)} to {target}", flush=True)
+            os.replace(self.rundir.checkpoints / str(step), target)
+            print(f"moved the unreadable checkpoint {self.rundir.checkpoints / str(step)} to {target}", flush=True)
         self.latest.reload()
         self.unreadable = []
 
@@ -266,17 +246,6 @@ def _first_line(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {lines[0][:200] if lines else ''}"
 
 
-def read_meta(workdir: str | Path) -> dict[str, Any] | None:
-    """Returns the metadata (epoch, step, history, best) of the newest committed checkpoint whose metadata
-    is readable, without reading the state; None when there is none."""
-    directory = Path(workdir) / "checkpoints"
-    for step in reversed(committed_steps(directory)):
-        meta = checkpoint_meta(directory / str(step))
-        if meta is not None:
-            return meta
-    return None
-
-
 def _restore_newest(
     manager: ocp.CheckpointManager,
     abstract: dict[str, Any],
@@ -325,10 +294,10 @@ def load_variables(
     names = ("ema_params", "ema_batch_stats") if ema else _WEIGHTS
     abstract = {name: shapes[kind] for name, kind in zip(names, _WEIGHTS, strict=True)}
     errors = []
-    for folder in ("best", "checkpoints"):
-        if not committed_steps(workdir / folder):
+    for folder in (RunDir(workdir).best, RunDir(workdir).checkpoints):
+        if not committed_steps(folder):
             continue
-        manager = _read_only_manager(workdir / folder)
+        manager = _read_only_manager(folder)
         try:
             found = _restore_newest(manager, abstract, partial=True)
         except CheckpointError as e:

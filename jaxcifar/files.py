@@ -74,20 +74,6 @@ def read_json(path: str | Path) -> Any:
         raise RunFileError(f"{path} is not valid JSON ({e}); was it truncated or edited?") from None
 
 
-def read_history(workdir: str | Path) -> list[dict[str, Any]]:
-    """Returns the per-epoch records of ``workdir/history.json`` ([] when there is none).
-
-    Raises RunFileError naming the file when it is not a JSON list of records.
-    """
-    path = Path(workdir) / "history.json"
-    if not path.exists():
-        return []
-    history = read_json(path)
-    if not isinstance(history, list) or not all(isinstance(r, dict) and "epoch" in r for r in history):
-        raise RunFileError(f"{path} is not a list of epoch records; was it edited?")
-    return history
-
-
 def save_figure(figure: Any, path: str | Path, dpi: int = 100) -> None:
     """Saves a matplotlib Figure as PNG at ``path``, atomically."""
     buffer = io.BytesIO()

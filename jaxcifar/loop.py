@@ -6,56 +6,42 @@ AOT-compiled train step, so nothing recompiles inside a run. After each epoch th
 evaluated on the validation split (if any) and the test split, orbax commits the checkpoint
 (latest N, and best), then the record goes to ``history.json`` and TensorBoard.
 
-``fit`` reads as its steps: ``check_resume`` -> restore or start -> ``set_up`` (data on the device,
-compiled steps) -> per epoch ``train_epoch``, ``evaluate_epoch``, ``select_and_save``. The LR range
-test (``--lr auto``) and the report come around it, in ``jaxcifar.run``.
+``fit`` reads as its steps: ``setup.command`` (jax.distributed, the workdir's lock) -> ``check_resume`` ->
+``train``: restore or start (``setup.RunSetup``: mesh, model, data on the device, the train step) ->
+``set_up`` (compiled steps, writer, checkpointer) -> per epoch ``train_epoch``, ``evaluate_epoch``,
+``select_and_save``. The LR range test (``--lr auto``) and the report come around it, in ``jaxcifar.run``,
+which calls ``check_resume`` and ``train`` itself (one command: one start-up, one lock).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from tqdm import TqdmWarning
 
-with warnings.catch_warnings():
-    # In a notebook without ipywidgets tqdm.auto warns, then falls back to the text bar: that fallback is fine.
-    warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
-    from tqdm.auto import tqdm
-
-from jaxcifar import backend, distributed, optim, sizing, steps, testhooks
-from jaxcifar.augmentation import AugmentSpec
-from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
-from jaxcifar.checkpoint import Checkpointer, has_checkpoint, read_meta, resume_config
+from jaxcifar import distributed, optim, testhooks
+from jaxcifar.checkpoint import Checkpointer, resume_config
 from jaxcifar.config import Config
-from jaxcifar.data import Dataset, load_dataset
-from jaxcifar.errors import CheckpointError, ConfigError, DataError, DivergedError
+from jaxcifar.data import Dataset
+from jaxcifar.errors import CheckpointError, DivergedError
 from jaxcifar.evaluation import Evaluator
 from jaxcifar.files import ensure_dir
-from jaxcifar.mesh import check_divisible, make_mesh, replicated
-from jaxcifar.mesh import describe as describe_mesh
-from jaxcifar.mixing import MixSpec
-from jaxcifar.network import build_model, data_init
-from jaxcifar.sources import default_cache_dir
-from jaxcifar.state import TrainState, create_train_state, param_count
+from jaxcifar.layout import RunDir
+from jaxcifar.mesh import replicated
+from jaxcifar.progress import BAR_DISABLE as _BAR_DISABLE
+from jaxcifar.progress import tqdm
+from jaxcifar.setup import RunSetup, command, echo, mesh_and_model
+from jaxcifar.state import TrainState, create_train_state
 from jaxcifar.timing import Timing
-from jaxcifar.workdir import claim_workdir, holding, saved_epochs
+from jaxcifar.workdir import claim_workdir
 from jaxcifar.writers import MetricWriter
-
-# tqdm disables itself with disable=None when its stream is no terminal (CI logs); notebook
-# widgets report no terminal either, so there the bar is forced on.
-_BAR_DISABLE = False if any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__) else None
 
 # A mean cross-entropy above this many times the loss of a uniform guess (ln K nats) means the true
 # class gets a probability below K^-100: the run has diverged even if the loss is still finite.
@@ -83,66 +69,59 @@ class Restored(NamedTuple):
 class Run:
     """Everything an epoch needs besides the state, built once per ``fit`` by ``set_up``."""
 
-    config: Config
-    workdir: Path
-    num_classes: int
-    train: DeviceSplit
-    steps_per_epoch: int
-    shuffle_key: jax.Array
-    train_step: Callable[..., Any]
-    gather: Callable[..., Any]
+    setup: RunSetup
+    rundir: RunDir
+    train_step: Callable[..., Any]  # ``setup.train_step`` compiled for the run's state
     evaluators: dict[str, Evaluator]  # history prefix ("test", "ema_val", ...) -> evaluator
     schedule: optax.Schedule
     writer: MetricWriter
     checkpointer: Checkpointer
-    mix_enabled: bool
     verbose: bool
     timing: Timing
 
+    @property
+    def config(self) -> Config:
+        """The run's Config."""
+        return self.setup.config
 
-def echo(message: str, verbose: bool) -> None:
-    """Prints one line above the progress bar when ``verbose``."""
-    if verbose:
-        tqdm.write(message, file=sys.stdout)
 
-
-def check_resume(config: Config, workdir: Path, verbose: bool = True) -> tuple[Config, dict[str, Any] | None]:
+def check_resume(config: Config, rundir: RunDir, verbose: bool = True) -> tuple[Config, dict[str, Any] | None]:
     """Returns (the config to run, the newest checkpoint's metadata, or None for a fresh run).
 
     Raises CheckpointError when the workdir holds a run and ``--resume`` is not given; ConfigError when
     the saved run differs in a field that changes training (``checkpoint.resume_config``). Call it
-    holding the workdir's lock (``workdir.holding``): the answer holds only while no other run can write
+    holding the workdir's lock (``setup.command``): the answer holds only while no other run can write
     the workdir."""
-    if not has_checkpoint(workdir):
+    if not rundir.has_checkpoint():
         if config.resume:
-            echo(f"resume: no checkpoint in {workdir}, starting from scratch", verbose)
+            echo(f"resume: no checkpoint in {rundir.path}, starting from scratch", verbose)
         return config, None
     if not config.resume:
         raise CheckpointError(
-            f"--workdir {workdir} already holds a run; pass --resume (in Python: config.replace(resume=True)) "
+            f"--workdir {rundir.path} already holds a run; pass --resume (in Python: config.replace(resume=True)) "
             "to continue it or choose another --workdir"
         )
-    config = resume_config(workdir, config)
-    meta = read_meta(workdir)
+    config = resume_config(rundir.path, config)
+    meta = rundir.read_meta()
     if meta is None:
-        raise CheckpointError(f"{workdir}/checkpoints: no checkpoint with readable metadata")
+        raise CheckpointError(f"{rundir.checkpoints}: no checkpoint with readable metadata")
     return config, meta
 
 
-def restore(config: Config, model: Any, meta: dict[str, Any], mesh: Mesh, workdir: Path) -> Restored:
-    """Returns the newest intact checkpoint of ``workdir`` (an unreadable newer one is named and skipped)."""
+def restore(config: Config, model: Any, meta: dict[str, Any], mesh: Mesh, rundir: RunDir) -> Restored:
+    """Returns the newest intact checkpoint of ``rundir`` (an unreadable newer one is named and skipped)."""
     steps_per_epoch = int(meta["step"]) // int(meta["epoch"])
     tx, _ = optim.make_training_optimizer(config, steps_per_epoch)
     template = create_train_state(
         model, tx, config.seed, ema=config.ema_decay is not None, lookahead=config.lookahead_every > 0
     )
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, asynchronous=False)
+    checkpointer = Checkpointer(rundir.path, keep=config.keep_checkpoints, asynchronous=False)
     try:
         restored = checkpointer.restore_latest(template)
     finally:
         checkpointer.close()
     if restored is None:
-        raise CheckpointError(f"{workdir}/checkpoints: no checkpoint to resume")
+        raise CheckpointError(f"{rundir.checkpoints}: no checkpoint to resume")
     state, meta = restored
     if jax.process_count() > 1:  # arrays on this process's device cannot move to other hosts' devices: from host
         state = jax.device_get(state)
@@ -156,8 +135,8 @@ def fit(
     """Trains ``config.model`` as configured and returns ``FitResult(state, history)``.
 
     Writes ``config.json``, ``history.json``, checkpoints and TensorBoard events to
-    ``config.workdir``, holding its lock (``workdir.holding``) from before it reads the workdir until it
-    ends (already held when ``jaxcifar.run`` calls it). With
+    ``config.workdir`` (``layout.RunDir``), holding its lock from before it reads the workdir until it
+    ends (``setup.command``). With
     ``config.resume`` it continues from the newest intact checkpoint (same result as an
     uninterrupted run); every field that changes training must equal the saved config, and a
     finished run is returned as it is. ``dataset`` overrides loading from ``config``'s source.
@@ -166,192 +145,136 @@ def fit(
     ``DivergedError`` when the loss becomes non-finite (the diverged epoch is not saved). ``timing``
     collects the seconds of data loading, compiling, training, evaluation and checkpoint waits.
     """
+    with command(config, config.workdir) as rundir:  # before anything is read from the workdir or decided about it
+        config, meta = check_resume(config, rundir, verbose and distributed.is_main_process())
+        return train(config, rundir, meta, dataset, verbose=verbose, timing=timing)
+
+
+def train(
+    config: Config,
+    rundir: RunDir,
+    meta: dict[str, Any] | None,
+    dataset: Dataset | None = None,
+    *,
+    setup: RunSetup | None = None,
+    verbose: bool = True,
+    timing: Timing | None = None,
+) -> FitResult:
+    """``fit`` once its command has started (``setup.command``) and ``check_resume`` has given ``config`` and
+    ``meta``. ``setup``: the run's ``RunSetup`` when the caller made it already (``jaxcifar.run`` after the LR
+    range test); else it is made here from ``dataset``."""
     timing = timing or Timing()
-    if config.distributed:  # first: what follows may be collective, and every process must run this config
-        distributed.initialize(config)
-    with holding(
-        config.workdir, is_main=distributed.is_main_process(), every_process=distributed.every_process
-    ) as workdir:  # before anything is read from the workdir or decided about it
-        return _fit(config, workdir, dataset, verbose, timing)
-
-
-def _fit(config: Config, workdir: Path, dataset: Dataset | None, verbose: bool, timing: Timing) -> FitResult:
-    """``fit`` once the workdir's lock is held."""
     shown, verbose = verbose, verbose and distributed.is_main_process()  # other processes print their devices line
-    config, meta = check_resume(config, workdir, verbose)
     if meta is None or int(meta["epoch"]) < config.epochs:
-        claim_workdir(workdir)  # decided: this command trains in the workdir (a refused one names its pid)
-    if config.compile_cache:
-        backend.enable_compile_cache(default_cache_dir() / "xla")
+        claim_workdir(rundir.path)  # decided: this command trains in the workdir (a refused one names its pid)
     optim.peak_lr(config)  # a number: --lr auto is resolved by jaxcifar.run before fit
-    with timing.phase("init"):
-        mesh, model = mesh_and_model(config)
-        restored = restore(config, model, meta, mesh, workdir) if meta is not None else None
-    if restored is not None and len(restored.history) >= config.epochs:
-        echo(
-            f"already finished: {len(restored.history)}/{config.epochs} epochs in {workdir}; nothing to do (a longer "
-            f"run is a new run in another --workdir; python -m jaxcifar.report --workdir {workdir} writes the report)",
-            verbose,
+    restored = None
+    if meta is not None:
+        with timing.phase("init"):
+            mesh, model = mesh_and_model(config)
+            restored = restore(config, model, meta, mesh, rundir)
+        if len(restored.history) >= config.epochs:
+            echo(
+                f"already finished: {len(restored.history)}/{config.epochs} epochs in {rundir.path}; nothing to do (a "
+                f"longer run is a new run in another --workdir; python -m jaxcifar.report --workdir {rundir.path} "
+                "writes the report)",
+                verbose,
+            )
+            return FitResult(restored.state, restored.history)
+        setup = RunSetup.create(
+            config,
+            dataset,
+            mesh_model=(mesh, model),
+            steps_per_epoch=restored.steps_per_epoch,
+            verbose=shown,
+            timing=timing,
         )
-        return FitResult(restored.state, restored.history)
-    echo(describe_mesh(mesh), shown)
-    with timing.phase("data"):
-        dataset = checked_dataset(config, dataset, restored)
+    elif setup is None:
+        setup = RunSetup.create(config, dataset, verbose=shown, timing=timing)
     testhooks.pause("after-data")
-    tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
+    tx, schedule = setup.training_optimizer()
+    echo(compiling_line(setup), verbose)
     if restored is None:
         with timing.phase("init"):
-            state = create_train_state(
-                model,
-                tx,
-                config.seed,
-                ema=config.ema_decay is not None,
-                lookahead=config.lookahead_every > 0,
-                init_params=data_init(model, dataset),
-            )
-            state, history, best = jax.device_put(state, replicated(mesh)), [], -1.0
+            state, history, best = setup.initial_state(tx), [], -1.0
     else:
         state, history, best = restored.state, restored.history, restored.best
-        echo(f"resume: epoch {len(history)} (step {int(state.step)}) from {workdir}", verbose)
-
+        echo(f"resume: epoch {len(history)} (step {int(state.step)}) from {rundir.path}", verbose)
     is_main = jax.process_index() == 0  # only one host writes files (orbax: each its part of a checkpoint)
     if is_main:
-        ensure_dir(workdir, "--workdir")
-        claim_workdir(workdir)
+        ensure_dir(rundir.path, "--workdir")
+        claim_workdir(rundir.path)
     if is_main and restored is None:
-        config.save(workdir / "config.json")
-    run = set_up(config, dataset, state, history, schedule, mesh, workdir, is_main, verbose, timing)
+        config.save(rundir.config_json)
+    run = set_up(setup, state, history, schedule, rundir, is_main, verbose, timing)
     if is_main and restored is not None:
         run.checkpointer.unreadable = list(restored.unreadable)
         run.checkpointer.set_aside_unreadable()
+    return FitResult(*_epochs(run, state, history, best))
+
+
+def _epochs(run: Run, state: TrainState, history: list[dict[str, Any]], best: float) -> tuple[TrainState, list]:
+    """Trains the epochs after ``history`` and returns (the final state, the whole history)."""
     try:
-        for epoch in range(len(history) + 1, config.epochs + 1):
+        for epoch in range(len(history) + 1, run.config.epochs + 1):
             state, record = train_epoch(run, state, epoch)
             record.update(evaluate_epoch(run, state))
-            timing.add("train", record["train_seconds"])
-            timing.add("eval", record["eval_seconds"])
+            run.timing.add("train", record["train_seconds"])
+            run.timing.add("eval", record["eval_seconds"])
             best = select_and_save(run, state, record, best)
     finally:
         try:
-            with timing.phase("checkpoint"):
+            with run.timing.phase("checkpoint"):
                 run.checkpointer.close()  # the last save is committed:
             run.writer.write_history()  # history.json lists it
         finally:
             run.writer.close()
-    return FitResult(state, run.writer.history)
+    return state, run.writer.history
 
 
-def mesh_and_model(config: Config) -> tuple[Mesh, nn.Module]:
-    """Returns the device mesh of ``config`` (after ``jax.distributed`` start-up with ``--distributed``)
-    and its model; ConfigError when the batch sizes do not divide over the devices or cannot fit."""
-    if config.distributed:
-        distributed.initialize(config)
-    mesh = make_mesh(config.num_devices)
-    check_divisible(config.batch_size, mesh, "--batch-size")
-    check_divisible(config.eval_batch_size, mesh, "--eval-batch-size")
-    devices = list(mesh.devices.flat)
-    model = build_model(config, devices)
-    sizing.check_fits(config, model, devices)
-    return mesh, model
-
-
-def checked_dataset(config: Config, dataset: Dataset | None, restored: Restored | None) -> Dataset:
-    """Returns ``dataset`` (default: loaded from ``config``) after checking that it fits the run: its
-    class count, for a resumed run the steps per epoch the run was made with, and in a multi-process run
-    that every process loaded the same data (``distributed.check_same_data``)."""
-    if dataset is None:
-        dataset = load_dataset(config)
-    for name, split in (("train", dataset.train), ("validation", dataset.val), ("test", dataset.test)):
-        if split is not None:
-            distributed.check_same_data(f"the {name} split", split.images, split.labels)
-    if dataset.num_classes != config.num_classes:
-        raise ConfigError(
-            f"dataset has {dataset.num_classes} classes, --dataset {config.dataset} needs {config.num_classes}"
-        )
-    steps_per_epoch = len(dataset.train) // config.batch_size
-    if restored is not None and restored.steps_per_epoch != steps_per_epoch:
-        raise DataError(
-            f"--resume {config.workdir}: the run made {restored.steps_per_epoch} steps per epoch, this data gives "
-            f"{steps_per_epoch} ({len(dataset.train)} training images): is --data-dir the data the run started with?"
-        )
-    return dataset
+def compiling_line(setup: RunSetup) -> str:
+    """Returns the line printed before the state is made and the steps compile (the longest silence of a first
+    run): what is happening and how long it takes."""
+    platform = setup.mesh.devices.flat[0].platform
+    took = "~30 s on a CPU" if platform == "cpu" else "a few seconds to a minute"
+    cached = "; loaded from the compile cache afterwards" if setup.config.compile_cache else ""
+    return f"compiling the train and eval steps (first run of this configuration: {took}{cached})..."
 
 
 def set_up(
-    config: Config,
-    dataset: Dataset,
+    setup: RunSetup,
     state: TrainState,
     history: list[dict[str, Any]],
     schedule: optax.Schedule,
-    mesh: Mesh,
-    workdir: Path,
+    rundir: RunDir,
     is_main: bool = True,
     verbose: bool = True,
     timing: Timing | None = None,
 ) -> Run:
-    """Returns the ``Run`` of ``config``: the splits replicated on ``mesh``'s devices, the train and eval
-    steps compiled for ``state`` (once per run), the history writer (``history.json`` rewritten as
-    ``history`` stands) and the checkpointer of ``workdir``. ``timing`` gets the compile seconds."""
-    timing = timing or Timing()
-    on_all = replicated(mesh)
-    train = DeviceSplit.put(dataset.train, on_all)
-    splits = {"test": DeviceSplit.put(dataset.test, on_all)}
-    if dataset.val is not None:
-        splits = {"val": DeviceSplit.put(dataset.val, on_all), **splits}
-    val = f"val {len(dataset.val)}, " if dataset.val is not None else ""
-    echo(f"data: train {len(train)}, {val}test {len(dataset.test)} images, {dataset.num_classes} classes", verbose)
-    params = param_count(state.params)
-    echo(f"model: {config.model} width {config.width}, {params:,} parameters, {config.dtype}", verbose)
-    steps_per_epoch = len(train) // config.batch_size
-    mix_steps = (config.epochs - config.mix_off_epoch) * steps_per_epoch
-    mix = MixSpec(config.mixup_alpha, config.cutmix_alpha, config.mix_prob, mix_steps)
-    train_step = steps.make_train_step(
-        dataset.mean,
-        dataset.std,
-        AugmentSpec.from_config(config),
-        config.cutout_size,
-        config.label_smoothing,
-        mesh=mesh,
-        mix=mix,
-        ema_decay=config.ema_decay,
-        flip_epoch_steps=steps_per_epoch if config.alternating_flip else 0,
-        lookahead=steps.Lookahead(config.lookahead_every, config.lookahead_decay, config.epochs * steps_per_epoch),
-    )
-    evaluators = {}
-    for ema in [False, True] if config.ema_decay is not None else [False]:
-        for name, split in splits.items():
-            evaluators[("ema_" if ema else "") + name] = Evaluator(
-                split, dataset.mean, dataset.std, config.eval_batch_size, tta=config.tta, ema=ema, mesh=mesh
-            )
-    gather = make_gather_batch(mesh)
-    shuffle_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xDA7A)
+    """Returns the ``Run`` of ``setup``: its train step and evaluators compiled for ``state`` (once per run),
+    the history writer (``history.json`` rewritten as ``history`` stands) and the checkpointer of ``rundir``.
+    ``timing`` gets the compile seconds."""
+    timing, config = timing or Timing(), setup.config
+    evaluators = setup.evaluators()
     t0 = time.perf_counter()
     with timing.phase("compile"):
-        rows = shuffled_index_rows(shuffle_key, len(train), steps_per_epoch, config.batch_size)
-        train_step = train_step.lower(state, gather(train.images, train.labels, rows, 0)).compile()
+        train_step = setup.train_step.lower(state, setup.batch(setup.epoch_rows(1), 0)).compile()
         for evaluator in evaluators.values():
             evaluator.compile(state)
     echo(f"compile: {time.perf_counter() - t0:.1f}s (train and eval steps, once per run)", verbose)
-    writer = MetricWriter(workdir, history, enabled=is_main)
+    writer = MetricWriter(rundir.path, history, enabled=is_main)
     writer.write_history()  # matches the checkpoint resumed from (an older one when the newest was broken)
+    # Several processes: synchronous. orbax's two background writers (latest and best, the same step) would
+    # wait at barriers of the same name at once, which the coordination service refuses at random.
+    asynchronous = config.async_checkpoints and jax.process_count() == 1
     return Run(
-        config=config,
-        workdir=workdir,
-        num_classes=dataset.num_classes,
-        train=train,
-        steps_per_epoch=steps_per_epoch,
-        shuffle_key=shuffle_key,
+        setup=setup,
+        rundir=rundir,
         train_step=train_step,
-        gather=gather,
         evaluators=evaluators,
         schedule=schedule,
         writer=writer,
-        # Several processes: synchronous. orbax's two background writers (latest and best, the same step) would
-        # wait at barriers of the same name at once, which the coordination service refuses at random.
-        checkpointer=Checkpointer(
-            workdir, keep=config.keep_checkpoints, asynchronous=config.async_checkpoints and jax.process_count() == 1
-        ),
-        mix_enabled=mix.enabled,
+        checkpointer=Checkpointer(rundir.path, keep=config.keep_checkpoints, asynchronous=asynchronous),
         verbose=verbose,
         timing=timing,
     )
@@ -364,12 +287,12 @@ def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, di
 
     The step count is kept on the host (every epoch makes ``steps_per_epoch`` steps, a skipped float16 step
     included): the loop reads nothing back from the device but the summed metrics of a progress refresh."""
-    config, start = run.config, time.perf_counter()
-    first_step = (epoch - 1) * run.steps_per_epoch  # the state's step when the epoch starts
-    key = jax.random.fold_in(run.shuffle_key, epoch)
-    rows = shuffled_index_rows(key, len(run.train), run.steps_per_epoch, config.batch_size)
+    config, setup, start = run.config, run.setup, time.perf_counter()
+    steps_per_epoch = setup.steps_per_epoch
+    first_step = (epoch - 1) * steps_per_epoch  # the state's step when the epoch starts
+    rows = setup.epoch_rows(epoch)
     bar = tqdm(
-        total=run.steps_per_epoch,
+        total=steps_per_epoch,
         desc=f"epoch {epoch}/{config.epochs}",
         unit="step",
         leave=False,
@@ -378,10 +301,10 @@ def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     )
     sums = None
     try:
-        for i in range(run.steps_per_epoch):
-            state, metrics = run.train_step(state, run.gather(run.train.images, run.train.labels, rows, i))
+        for i in range(steps_per_epoch):
+            state, metrics = run.train_step(state, setup.batch(rows, i))
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            if (i + 1) % config.log_every == 0 or i + 1 == run.steps_per_epoch:
+            if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
                 step = first_step + i + 1
                 loss, acc = _mean(sums)
                 check_loss(run, "the train loss", loss, epoch, step)
@@ -392,7 +315,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     finally:
         bar.close()
     loss, acc = _mean(sums)
-    step = first_step + run.steps_per_epoch
+    step = first_step + steps_per_epoch
     record = {"epoch": epoch, "step": step, "train_loss": loss, "train_acc": acc}
     record["lr"] = _learning_rate(run.schedule, step)
     if state.dynamic_scale is not None:  # --dtype float16: steps skipped for non-finite gradients, the loss scale
@@ -428,11 +351,11 @@ def evaluate_epoch(run: Run, state: TrainState) -> dict[str, Any]:
 def check_loss(run: Run, what: str, loss: float, epoch: int, step: int) -> None:
     """Raises DivergedError when ``loss`` is nan/inf or beyond ``DIVERGED_LOSS_FACTOR * ln(num_classes)``,
     naming the last epoch saved in the run's workdir."""
-    if math.isfinite(loss) and loss <= DIVERGED_LOSS_FACTOR * math.log(run.num_classes):
+    if math.isfinite(loss) and loss <= DIVERGED_LOSS_FACTOR * math.log(run.setup.dataset.num_classes):
         return
-    epoch_saved = saved_epochs(run.workdir)
-    checkpoints = run.workdir / "checkpoints"
-    last = f"the last good checkpoint is epoch {epoch_saved} in {checkpoints}" if epoch_saved else "no epoch was saved"
+    epoch_saved = run.rundir.saved_epochs()
+    where = run.rundir.checkpoints
+    last = f"the last good checkpoint is epoch {epoch_saved} in {where}" if epoch_saved else "no epoch was saved"
     raise DivergedError(
         f"training diverged: {what} is {loss:.4g} at epoch {epoch}, step {step}; stopped, {last}. Start a new run "
         "with a lower --lr (or --grad-clip)"
@@ -451,7 +374,7 @@ def select_and_save(run: Run, state: TrainState, record: dict[str, Any], best: f
     record["seconds"] = record["train_seconds"] + record["eval_seconds"]
     if config.tta != "none":
         record["tta"] = config.tta
-    if run.mix_enabled:
+    if run.setup.mix_enabled:
         record["train_acc_of"] = "dominant label"
     prefix = "ema_" if config.ema_decay is not None else ""
     selection = record.get(f"{prefix}val_acc", record[f"{prefix}test_acc"])

@@ -1,7 +1,8 @@
 """Leslie Smith's LR range test, as fastai's ``lr_find``: ``python -m jaxcifar.lr_find``.
 
 The learning rate grows exponentially from ``--lr-find-start`` to ``--lr-find-end`` over
-``--lr-find-steps`` training steps (the run's model, optimizer, augmentation and data), recording
+``--lr-find-steps`` training steps (the run's ``setup.RunSetup``: its model, initial state, train step,
+optimizer and batches, as training has them; only the LR schedule is the test's), recording
 the loss smoothed as fastai does (exponential moving average, beta 0.98, debiased). It stops early
 once the smoothed loss exceeds 4x its best. As fastai, the rules ignore the first 10 % and the last 5
 points. The suggestion for onecycle's max LR is the LR at the smoothed loss's minimum (``minimum``);
@@ -17,29 +18,21 @@ from jaxcifar import interrupts
 if __name__ == "__main__":  # first, before the heavy imports below: Ctrl-C ends in one line from the start
     interrupts.install("python -m jaxcifar.lr_find")
 
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import numpy as np
 import optax
 
-from jaxcifar import backend, cli, distributed, optim, sizing, steps
-from jaxcifar.augmentation import AugmentSpec
-from jaxcifar.batches import DeviceSplit, make_gather_batch, shuffled_index_rows
+from jaxcifar import cli, distributed
 from jaxcifar.config import Config
-from jaxcifar.data import Dataset, load_dataset
+from jaxcifar.data import Dataset
 from jaxcifar.errors import JaxcifarError
-from jaxcifar.files import write_json
-from jaxcifar.mesh import check_divisible, make_mesh, replicated
-from jaxcifar.mixing import MixSpec
-from jaxcifar.network import build_model, data_init
+from jaxcifar.files import ensure_dir, write_json
+from jaxcifar.layout import RunDir
 from jaxcifar.plots import plot_lr_find
-from jaxcifar.sources import default_cache_dir
-from jaxcifar.state import create_train_state
-from jaxcifar.workdir import WorkdirLock, check_workdir
+from jaxcifar.setup import RunSetup, command, echo
 
 SMOOTHING = 0.98
 DIVERGENCE = 4.0
@@ -141,51 +134,30 @@ def lr_find(
     config: Config, dataset: Dataset | None = None, *, out_dir: str | Path | None = None, verbose: bool = True
 ) -> LRFindResult:
     """Runs the range test for ``config`` (its ``lr`` is not used) and returns the result; with ``out_dir``
-    also writes ``lr_find.json`` and ``lr_find.png`` there, holding its lock (``workdir.WorkdirLock``; taken
+    also writes ``lr_find.json`` and ``lr_find.png`` there, holding its lock (``setup.command``; taken
     again when ``jaxcifar.run`` holds it). Raises ConfigError before any work when the batch does not fit the
     devices (``sizing.check_fits``), CheckpointError when another command holds ``out_dir``."""
-    with WorkdirLock(out_dir) if out_dir is not None else contextlib.nullcontext():
-        return _lr_find(config, dataset, out_dir, verbose)
+    with command(config, out_dir, claim=True) as rundir:
+        setup = RunSetup.create(config, dataset, verbose=verbose)
+        return range_test(setup, rundir if distributed.is_main_process() else None, verbose=verbose)
 
 
-def _lr_find(config: Config, dataset: Dataset | None, out_dir: str | Path | None, verbose: bool) -> LRFindResult:
-    if config.compile_cache:
-        backend.enable_compile_cache(default_cache_dir() / "xla")
-    mesh = make_mesh(config.num_devices)
-    check_divisible(config.batch_size, mesh, "--batch-size")
-    model = build_model(config, list(mesh.devices.flat))
-    sizing.check_fits(config, model, list(mesh.devices.flat))
-    dataset = dataset or load_dataset(config)
-    on_all = replicated(mesh)
-    distributed.check_same_data("the train split", dataset.train.images, dataset.train.labels)
-    train = DeviceSplit.put(dataset.train, on_all)
+def range_test(setup: RunSetup, rundir: RunDir | None = None, verbose: bool = True) -> LRFindResult:
+    """Runs the range test on ``setup`` (its train step, initial state and batches, as training has them, with
+    the LR growing exponentially over ``--lr-find-steps``) and returns the result; writes ``lr_find.json`` and
+    ``lr_find.png`` into ``rundir`` unless it is None. JaxcifarError when the loss diverges within 5 steps."""
+    config = setup.config
     n_steps, start, end = config.lr_find_steps, config.lr_find_start, config.lr_find_end
+    echo(f"lr_find: up to {n_steps} steps from LR {start:g} to {end:g} (the train step compiles first)...", verbose)
     schedule = optax.exponential_decay(start, transition_steps=n_steps - 1, decay_rate=end / start)
-    tx = optim.make_optimizer(config, schedule)
-    state = create_train_state(model, tx, config.seed, init_params=data_init(model, dataset))
-    state = jax.device_put(state, on_all)
-    mix = MixSpec(config.mixup_alpha, config.cutmix_alpha, config.mix_prob)
-    train_step = steps.make_train_step(
-        dataset.mean,
-        dataset.std,
-        AugmentSpec.from_config(config),
-        config.cutout_size,
-        config.label_smoothing,
-        mesh=mesh,
-        mix=mix,
-    )
-    gather = make_gather_batch(mesh)
-    steps_per_epoch = len(train) // config.batch_size
-    shuffle_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1F)
-
+    state = setup.initial_state(setup.optimizer(schedule))
     lrs, losses, smoothed = [], [], []
-    average, best, stopped = 0.0, np.inf, False
-    rows = None
+    average, best, stopped, rows = 0.0, np.inf, False, None
     for i in range(n_steps):
-        if i % steps_per_epoch == 0:
-            epoch_key = jax.random.fold_in(shuffle_key, i // steps_per_epoch)
-            rows = shuffled_index_rows(epoch_key, len(train), steps_per_epoch, config.batch_size)
-        state, metrics = train_step(state, gather(train.images, train.labels, rows, i % steps_per_epoch))
+        epoch, row = divmod(i, setup.steps_per_epoch)  # the batches of training's first epochs, in order
+        if row == 0:
+            rows = setup.epoch_rows(epoch + 1)
+        state, metrics = setup.train_step(state, setup.batch(rows, row))
         loss = float(metrics["loss_sum"] / metrics["count"])
         average = SMOOTHING * average + (1 - SMOOTHING) * loss
         debiased = average / (1 - SMOOTHING ** (i + 1))
@@ -196,30 +168,32 @@ def _lr_find(config: Config, dataset: Dataset | None, out_dir: str | Path | None
         if not np.isfinite(debiased) or debiased > DIVERGENCE * best:
             stopped = True
             break
-    lr_arr, smooth_arr = np.asarray(lrs), np.asarray(smoothed)
-    finite = np.isfinite(smooth_arr)
-    lr_ok, smooth_ok = lr_arr[finite], smooth_arr[finite]
-    if len(lr_ok) < 5:
-        raise JaxcifarError(f"LR range test diverged after {len(lr_ok)} steps; lower --lr-find-start ({start:g})")
-    rules = suggestions(lr_ok, smooth_ok)
-    result = LRFindResult(
-        lrs=lr_arr,
-        losses=np.asarray(losses),
-        smoothed=smooth_arr,
+    result = _result(np.asarray(lrs), np.asarray(losses), np.asarray(smoothed), stopped, start)
+    if rundir is not None:
+        ensure_dir(rundir.path, "--workdir")
+        write_json(rundir.lr_find_json, result.to_dict())
+        plot_lr_find(
+            result.lrs, result.smoothed, result.suggestion, result.steepest, path=rundir.lr_find_png, rule=result.rule
+        )
+    return result
+
+
+def _result(lrs: np.ndarray, losses: np.ndarray, smoothed: np.ndarray, stopped: bool, start: float) -> LRFindResult:
+    """Returns the ``LRFindResult`` of a finished test: the rules on the finite part of the smoothed curve."""
+    finite = np.isfinite(smoothed)
+    if finite.sum() < 5:
+        raise JaxcifarError(f"LR range test diverged after {finite.sum()} steps; lower --lr-find-start ({start:g})")
+    rules = suggestions(lrs[finite], smoothed[finite])
+    return LRFindResult(
+        lrs=lrs,
+        losses=losses,
+        smoothed=smoothed,
         suggestion=rules[RULE],
         rule=RULE,
         steepest=rules["steepest"],
         stopped_early=stopped,
         rules=rules,
     )
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "lr_find.json", result.to_dict())
-        plot_lr_find(
-            result.lrs, result.smoothed, result.suggestion, result.steepest, path=out / "lr_find.png", rule=result.rule
-        )
-    return result
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -247,13 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: Config) -> int:
-    check_workdir(config.workdir)
     result = lr_find(config, out_dir=config.workdir)
     note = " (stopped early: the loss diverged)" if result.stopped_early else ""
     print(f"ran {len(result.lrs)} steps from {config.lr_find_start:g} to {result.lrs[-1]:.3g}{note}")
     print(f"suggested max LR for onecycle: {result.suggestion:.3g} ({result.rule} rule)")
     print(f"steepest descent at LR {result.steepest:.3g}")
-    print(f"wrote {Path(config.workdir) / 'lr_find.png'} and lr_find.json")
+    print(f"wrote {RunDir(config.workdir).lr_find_png} and lr_find.json")
     return 0
 
 

@@ -90,14 +90,21 @@ def plot_curves(history: History, path: str | Path | None = None, dpi: int = 100
 
 
 def plot_lr(
-    schedule: History | tuple[Sequence[float], Sequence[float]], path: str | Path | None = None, dpi: int = 100
+    schedule: History | tuple[Sequence[float], Sequence[float]],
+    path: str | Path | None = None,
+    dpi: int = 100,
+    steps_per_epoch: int | None = None,
 ) -> Figure:
-    """Learning rate over training: from a history (``lr`` per ``epoch``) or a ``(steps, lrs)`` pair.
+    """Learning rate over training: from a history (``lr`` per ``epoch``) or a ``(steps, lrs)`` pair (0-based
+    steps; with ``steps_per_epoch`` drawn against the epoch, ``step / steps_per_epoch``: 0 to the run's epochs,
+    the axis of ``plot_curves``; else against the step).
 
     Returns the 6 x 4 inch Figure.
     """
     if isinstance(schedule, tuple) and len(schedule) == 2 and not isinstance(schedule[0], Mapping):
         xs, lrs, xlabel = list(schedule[0]), [float(v) for v in schedule[1]], "step"
+        if steps_per_epoch is not None:
+            xs, xlabel = [x / steps_per_epoch for x in xs], "epoch"
     else:
         (xs, lrs), xlabel = _series(schedule, "lr"), "epoch"
     fig = Figure(figsize=(6, 4), dpi=dpi, layout="constrained")

@@ -1,7 +1,7 @@
 """Explain a trained run: ``make_report(workdir)`` and ``python -m jaxcifar.report``.
 
 Loads a workdir's best checkpoint, predicts a whole split, and writes into the workdir:
-``curves.png`` (loss and accuracy per epoch), ``lr.png`` (the learning rate per step),
+``curves.png`` (loss and accuracy per epoch), ``lr.png`` (the learning rate of every step, against the epoch),
 ``misclassified.png`` (the N most confident mistakes), ``gradcam.png`` (Grad-CAM of the predicted
 class on those N images),
 ``confusion.png`` and ``report.json`` (accuracy, per-class accuracy, confusion matrix, the
@@ -34,11 +34,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxcifar import analysis, cam, cam_metrics, cli, distributed, gradcam, interop, models, optim, plots, transforms
-from jaxcifar.checkpoint import load_variables, saved_config
+from jaxcifar.checkpoint import load_variables
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset, load_dataset
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, RunFileError
-from jaxcifar.files import check_name, ensure_dir, read_history, save_figure, write_json
+from jaxcifar.files import check_name, ensure_dir, save_figure, write_json
+from jaxcifar.layout import RunDir
 from jaxcifar.network import build_model
 from jaxcifar.workdir import WorkdirLock
 from jaxcifar.writers import TensorBoardWriter
@@ -87,22 +88,27 @@ class Report:
 
 def load_run_config(workdir: str | Path) -> Config:
     """Returns the Config saved in ``workdir/config.json`` (CheckpointError when absent or unreadable)."""
-    path = check_name(workdir, "--workdir") / "config.json"
+    rundir = RunDir(check_name(workdir, "--workdir"))
     if Path(workdir).exists() and not Path(workdir).is_dir():
         raise CheckpointError(f"--workdir {workdir} is a file, not a folder")
     if not Path(workdir).is_dir():
         raise CheckpointError(f"--workdir {workdir}: no such folder")
-    if not path.is_file():
+    if not rundir.config_json.is_file():
         raise CheckpointError(f"--workdir {workdir}: no config.json (not a jaxcifar training workdir)")
-    return saved_config(workdir)
+    return rundir.saved_config()
 
 
 def lr_per_step(config: Config, num_train: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (steps int (T,), learning rates float32 (T,)) of the run's schedule over all its steps."""
-    steps_per_epoch = max(1, num_train // config.batch_size)
+    steps_per_epoch = run_steps_per_epoch(config, num_train)
     schedule = optim.make_schedule(config, steps_per_epoch)
     steps = np.arange(config.epochs * steps_per_epoch)
     return steps, np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
+
+
+def run_steps_per_epoch(config: Config, num_train: int) -> int:
+    """Returns the train steps per epoch of a run of ``config`` on ``num_train`` images (at least 1)."""
+    return max(1, num_train // config.batch_size)
 
 
 def make_report(
@@ -143,13 +149,17 @@ def _make_report(
     if out_dir is not None:
         check_name(out_dir, "--out-dir", utf8=False)
     config = config or load_run_config(workdir)
-    history = read_history(workdir)
+    history = RunDir(workdir).read_history()
     dataset = dataset or load_dataset(config)
     model = build_model(config, jax.devices()[:1])
     variables, meta = load_variables(workdir, model, ema=config.ema_decay is not None)
     figures = {
         "curves": plots.plot_curves(history, dpi=options.dpi),
-        "lr": plots.plot_lr(lr_per_step(config, len(dataset.train)), dpi=options.dpi),
+        "lr": plots.plot_lr(
+            lr_per_step(config, len(dataset.train)),
+            dpi=options.dpi,
+            steps_per_epoch=run_steps_per_epoch(config, len(dataset.train)),
+        ),
     }
     checkpoint = {"epoch": meta.get("epoch"), "step": meta.get("step")}
     return explain(model, variables, dataset, options, Path(out_dir or workdir), figures, checkpoint)
@@ -264,7 +274,7 @@ def explain(
     figures["confusion"] = plots.plot_confusion(confusion, names, dpi=dpi)
 
     ensure_dir(out, "--out-dir")
-    paths = {name: out / f"{name}.png" for name in figures}
+    paths = {name: RunDir(out).figure(name) for name in figures}
     for name, fig in figures.items():
         save_figure(fig, paths[name], dpi=dpi)
     summary = {
@@ -286,13 +296,13 @@ def explain(
     }
     if cam_summary is not None:
         summary["cam"] = cam_summary
-        writer = TensorBoardWriter(out / "tensorboard")
+        writer = TensorBoardWriter(RunDir(out).tensorboard)
         try:
             writer.add_image("report/cam", plots.figure_to_array(figures["cam"]), 0)
             writer.flush()
         finally:
             writer.close()
-    write_json(out / "report.json", summary)
+    write_json(RunDir(out).report_json, summary)
     return Report(summary=summary, figures=figures, paths=paths)
 
 
@@ -445,8 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
 
     def interrupted() -> str:
-        names = [f"{name}.png" for name in (*FIGURES, "cam")] + ["report.json"]
-        done = [n for n in names if (out / n).is_file() and (out / n).stat().st_mtime >= started]
+        paths = [RunDir(out).figure(name) for name in (*FIGURES, "cam")] + [RunDir(out).report_json]
+        done = [p.name for p in paths if p.is_file() and p.stat().st_mtime >= started]
         written = f"{', '.join(done)} written (complete files)" if done else "no report file written"
         return f"{written} in {out}"
 

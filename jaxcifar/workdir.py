@@ -6,9 +6,8 @@ decide anything about the workdir until they end; a report holds a shared one (s
 finished run at once, none while a run writes it). The kernel releases the lock when its process ends in
 any way (``kill -9`` included), so a lock left by a killed run is taken over by the next one.
 
-A checkpoint is committed when orbax has renamed its temporary folder to ``checkpoints/<step>``;
-``saved_epochs`` reads what is committed from the disk alone, so it can answer at any moment (it is
-what an interrupted command reports).
+``describe_saved`` reads what is committed from the disk alone (``layout.RunDir``), so it can answer at any
+moment (it is what an interrupted command reports).
 """
 
 from __future__ import annotations
@@ -16,17 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from jaxcifar.errors import CheckpointError
 from jaxcifar.files import check_name
-
-LOCK_NAME = ".lock"
+from jaxcifar.layout import LOCK_NAME, RunDir
 
 
 def check_workdir(workdir: str | Path) -> Path:
@@ -82,7 +78,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str | Path, shared: bool = False):
         self.workdir = Path(workdir)
-        self.path = self.workdir / LOCK_NAME
+        self.path = RunDir(self.workdir).lock
         self.shared = shared
         self._hold: _Hold | None = None
 
@@ -188,7 +184,7 @@ def claim_workdir(workdir: str | Path) -> None:
             os.ftruncate(hold.fd, 0)
             os.pwrite(hold.fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as e:
-            path = Path(workdir) / LOCK_NAME
+            path = RunDir(workdir).lock
             raise CheckpointError(f"cannot write the lock file {path}: {e.strerror or e}") from None
         hold.claimed = True
 
@@ -223,9 +219,9 @@ def holding(
     multi-process run process 0 takes it (it writes the run's files) and every process goes on only once
     it has it (one collective); a refusal ends every process with a CheckpointError. Re-entrant as
     ``WorkdirLock``. ``is_main`` and ``every_process`` come from ``jaxcifar.distributed`` (``is_main_process()``,
-    ``every_process``); the defaults are a single process's (this module imports no jax: it is read at an
-    interrupt). The command calls ``claim_workdir`` once it has decided to write the workdir; until then
-    the lock leaves no trace on disk."""
+    ``every_process``); the defaults are a single process's (this module does not import ``distributed``, so
+    the lock's code uses no jax). The command calls ``claim_workdir`` once it has decided to write the
+    workdir; until then the lock leaves no trace on disk."""
     path = check_workdir(workdir)
     lock = WorkdirLock(path) if is_main else None
     refusal = None
@@ -245,54 +241,14 @@ def holding(
             lock.release()
 
 
-def committed_steps(directory: str | Path) -> list[int]:
-    """Returns the sorted steps of the committed checkpoints in an orbax folder ([] when none)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-
-
-def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any] | None:
-    """Returns the run metadata (epoch, step, history, best) that ``checkpoint.Checkpointer`` stores in a
-    checkpoint folder (orbax's ``JsonSave`` writes it to ``meta/metadata``), or None when unreadable."""
-    try:
-        meta = json.loads((Path(checkpoint) / "meta" / "metadata").read_text())
-        int(meta["epoch"])
-        return meta
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def saved_epochs(workdir: str | Path) -> int:
-    """Returns the newest epoch with a committed, readable checkpoint in ``workdir`` (0 when none)."""
-    directory = Path(workdir) / "checkpoints"
-    for step in reversed(committed_steps(directory)):
-        meta = checkpoint_meta(directory / str(step))
-        if meta is not None:
-            return int(meta["epoch"])
-    return 0
-
-
-def report_written(workdir: str | Path) -> bool:
-    """True when ``workdir/report.json`` (written last of a report) is the report of the checkpoint a report
-    reads now: the newest in ``best/`` (else in ``checkpoints/``)."""
-    workdir = Path(workdir)
-    steps = committed_steps(workdir / "best") or committed_steps(workdir / "checkpoints")
-    try:
-        step = json.loads((workdir / "report.json").read_text())["checkpoint"]["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return bool(steps) and step == steps[-1]
-
-
 def describe_saved(workdir: str | Path, epochs: int | None = None, report: bool = False) -> str:
     """Returns what a resume of ``workdir`` would continue from, for the line an interrupt prints. With the
     run's ``epochs`` and ``report`` (``--report``): that the report is what is left, once every epoch is saved."""
-    epoch = saved_epochs(workdir)
+    rundir = RunDir(workdir)
+    epoch = rundir.saved_epochs()
     if epoch == 0:
         return f"no epoch finished yet; nothing to resume in {workdir}"
     saved = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
-    if report and epochs is not None and epoch >= epochs and not report_written(workdir):
+    if report and epochs is not None and epoch >= epochs and not rundir.report_written():
         return f"{saved} saved in {workdir}, the report not written; the same command with --resume writes it"
     return f"{saved} saved in {workdir}; continue with the same command and --resume"

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxcifar.errors import RunFileError
 from jaxcifar.files import write_json
+from jaxcifar.layout import RunDir
 
 
 class TensorBoardWriter:
@@ -76,12 +77,12 @@ class MetricWriter:
         self.workdir = Path(workdir)
         self.history: list[dict[str, Any]] = list(history or [])
         self.enabled = enabled
-        self.tb = TensorBoardWriter(self.workdir / "tensorboard") if enabled else None
+        self.tb = TensorBoardWriter(RunDir(self.workdir).tensorboard) if enabled else None
 
     def write_history(self) -> None:
         """Writes ``history.json`` (atomically) as the history stands."""
         if self.enabled:
-            write_json(self.workdir / "history.json", self.history)
+            write_json(RunDir(self.workdir).history_json, self.history)
 
     def write_epoch(self, record: dict[str, Any], history: bool = True) -> None:
         """Appends one epoch's record (keys like train_loss, test_acc, lr, seconds) and logs its scalars

@@ -203,3 +203,19 @@ def test_cli_reference_is_up_to_date():
     assert (REPO / "docs" / "cli.md").read_text() == generator.render(), (
         "docs/cli.md is out of date: run python tools/gen_cli_docs.py"
     )
+
+
+def test_the_workdir_layout_is_what_docs_workdir_md_documents(tmp_path):
+    """Every path ``layout.RunDir`` names (the report's pictures included) is a row of docs/workdir.md's table,
+    and every row is a path it names."""
+    from jaxcifar.layout import RunDir
+    from jaxcifar.report import FIGURES
+
+    documented = set()
+    for line in (REPO / "docs" / "workdir.md").read_text().splitlines():
+        if line.startswith("| `"):
+            documented |= {name.split("/")[0] for name in re.findall(r"`([^`]+)`", line.split("|")[1])}
+    rundir = RunDir(tmp_path)
+    paths = [getattr(rundir, name) for name, value in vars(RunDir).items() if isinstance(value, property)]
+    paths += [rundir.figure(name) for name in (*FIGURES, "cam")]
+    assert {path.relative_to(tmp_path).as_posix() for path in paths} == documented

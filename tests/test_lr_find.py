@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxcifar import Config, load_dataset, steps
+from jaxcifar import Config, load_dataset, setup, steps
 from jaxcifar import lr_find as lr_find_module
 from jaxcifar.lr_find import SMOOTHING, lr_find, steepest, suggestions, valley
 
@@ -96,7 +96,7 @@ def test_lr_find_end_to_end_suggests_the_minimum(monkeypatch, tmp_path):
         return step
 
     monkeypatch.setattr(steps, "make_train_step", fake_make_train_step)
-    monkeypatch.setattr(lr_find_module, "create_train_state", lambda *args, **kwargs: {"placeholder": np.zeros(())})
+    monkeypatch.setattr(setup, "create_train_state", lambda *args, **kwargs: {"placeholder": np.zeros(())})
     config = Config(data_source="synthetic", width=4, batch_size=32, train_subset=STEPS * 32, test_subset=32)
     config = config.replace(lr_find_start=START, lr_find_end=END, lr_find_steps=STEPS)
     result = lr_find(config, load_dataset(config), out_dir=tmp_path, verbose=False)
@@ -108,3 +108,61 @@ def test_lr_find_end_to_end_suggests_the_minimum(monkeypatch, tmp_path):
     assert saved["suggestion"] == pytest.approx(result.suggestion) and saved["rule"] == "minimum"
     assert saved["rules"]["valley"] == pytest.approx(result.rules["valley"])
     assert saved["rules"]["valley"] < LR_BEST / 30
+
+
+def _same_steps_config(tmp_path) -> Config:
+    """Two epochs of two steps, with every setting the train step takes from the run (MixUp until
+    --mix-off-epoch, alternating flip, Lookahead, EMA); the range test's LR stays at fit's constant LR."""
+    return Config(
+        data_source="synthetic", width=4, batch_size=32, eval_batch_size=32, train_subset=64, test_subset=32,
+        epochs=2, schedule="constant", lr=0.05, lr_find_start=0.05, lr_find_end=0.05 * (1 + 1e-6), lr_find_steps=5,
+        mixup_alpha=0.4, mix_off_epoch=1, alternating_flip=True, lookahead_every=2, ema_decay=0.9,
+        workdir=str(tmp_path / "run"), compile_cache=False,
+    )  # fmt: skip
+
+
+class Reached(Exception):
+    """Raised where the probe has looked: the command goes no further (nothing compiles)."""
+
+
+def test_the_range_test_makes_its_train_step_as_fit_does(tmp_path, monkeypatch):
+    """lr_find and fit make their train step once each, with the same arguments (quick: the steps are
+    recorded, not compiled; the slow test below runs them)."""
+    from jaxcifar import fit
+
+    made = []
+
+    class Probe:
+        def __call__(self, *args, **kwargs):
+            raise Reached
+
+        lower = __call__
+
+    def record(*args, **kwargs):
+        made.append(repr((args, kwargs)))
+        return Probe()
+
+    monkeypatch.setattr(steps, "make_train_step", record)
+    config = _same_steps_config(tmp_path)
+    dataset = load_dataset(config)
+    for command in (lambda: lr_find(config, dataset, verbose=False), lambda: fit(config, dataset, verbose=False)):
+        with pytest.raises(Reached):
+            command()
+    assert len(made) == 2 and made[0] == made[1], made
+    assert "until_step=2" in made[0] and "Lookahead(every=2" in made[0]  # the run's settings reached the step
+
+
+@pytest.mark.slow
+def test_the_range_test_takes_the_training_steps(tmp_path):
+    """lr_find and fit share one set-up (``setup.RunSetup``): at the same LR the range test's first losses are
+    training's, step for step (the same initial state, batches, augmentation, MixUp until --mix-off-epoch,
+    alternating flip and Lookahead)."""
+    from jaxcifar import fit
+
+    config = _same_steps_config(tmp_path)
+    dataset = load_dataset(config)
+    found = lr_find(config, dataset, verbose=False)
+    history = fit(config, dataset, verbose=False).history
+    assert found.lrs[0] == pytest.approx(0.05) and found.lrs[3] == pytest.approx(0.05, rel=1e-5)
+    by_epoch = [np.mean(found.losses[:2]), np.mean(found.losses[2:4])]  # epoch 2 is not mixed (--mix-off-epoch 1)
+    np.testing.assert_allclose([record["train_loss"] for record in history], by_epoch, rtol=1e-5)

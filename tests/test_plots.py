@@ -99,13 +99,16 @@ def test_plot_curves(tmp_path, with_val):
         assert _has_color(png, loss_line.get_color()), split  # the line is drawn in the PNG
 
 
-@pytest.mark.parametrize("source", ["history", "steps"])
+@pytest.mark.parametrize("source", ["history", "steps", "steps per epoch"])
 def test_plot_lr(tmp_path, source):
     data = _history(False) if source == "history" else (np.arange(100), np.linspace(0.1, 0.0, 100))
-    fig = plots.plot_lr(data, path=tmp_path / "lr.png", dpi=DPI)
+    per_epoch = 25 if source == "steps per epoch" else None
+    fig = plots.plot_lr(data, path=tmp_path / "lr.png", dpi=DPI, steps_per_epoch=per_epoch)
     png = _check_png(tmp_path / "lr.png", 6, 4)
-    assert fig.axes[0].get_xlabel() == ("epoch" if source == "history" else "step")
+    assert fig.axes[0].get_xlabel() == ("step" if source == "steps" else "epoch")
     xs, lrs = ([r["epoch"] for r in data], [r["lr"] for r in data]) if source == "history" else data
+    if per_epoch:  # the report's lr.png: every step, on curves.png's epoch axis (0 to 4 for 4 epochs of 25 steps)
+        xs = np.arange(100) / 25
     (line,) = fig.axes[0].get_lines()
     np.testing.assert_array_equal(line.get_xdata(), xs)
     np.testing.assert_allclose(line.get_ydata(), lrs)

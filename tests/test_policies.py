@@ -292,6 +292,11 @@ def test_train_lr_auto_runs_the_range_test_and_records_the_lr(tmp_path, capsys):
     assert main([*argv, "--workdir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "from the LR range test (minimum)" in out
+    lines = out.splitlines()
+    order = ("devices:", "data:", "model:", "lr_find:", "lr:", "compiling the train and eval steps", "compile:")
+    first = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in order]
+    assert first == sorted(first), lines  # the wait before the compile is announced
+    assert sum(line.startswith("devices:") for line in lines) == 1, lines  # one set-up: range test and training
     saved = Config.load(tmp_path / "run" / "config.json")
     found = json.loads((tmp_path / "run" / "lr_find.json").read_text())["suggestion"]
     assert saved.lr == pytest.approx(found)  # the run records the LR it used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import optax
 import pytest
 
 from jaxcifar import CheckpointError, Config, ConfigError, backend, fit, load_dataset, optim, steps
-from jaxcifar.files import read_history
-from jaxcifar.mesh import make_mesh, replicated
+from jaxcifar.layout import RunDir
+from jaxcifar.mesh import make_mesh
 from jaxcifar.network import build_model
 from jaxcifar.state import create_train_state
 
@@ -35,7 +36,7 @@ def test_workdir_outputs(synthetic_run):
     config, result = synthetic_run
     workdir = Path(config.workdir)
     assert Config.load(workdir / "config.json") == config
-    history = read_history(workdir)
+    history = RunDir(workdir).read_history()
     assert history == result.history and len(history) == 4
     keys = {"epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr"} | {
         "seconds",
@@ -71,12 +72,17 @@ def test_resume_equals_uninterrupted_run(synthetic_run, tmp_path):
     )
 
 
-def test_existing_run_is_not_overwritten_without_resume(synthetic_run):
+@pytest.mark.parametrize("entry", ["run", "fit"])
+def test_existing_run_is_not_overwritten_without_resume(synthetic_run, entry):
+    """``jaxcifar.run(config)`` then ``run``/``fit`` of the same config: refused, in the Python API's words."""
+    import jaxcifar
+
     config, _ = synthetic_run
     before = sorted(str(p.relative_to(config.workdir)) for p in Path(config.workdir).rglob("*"))
     history = Path(config.workdir, "history.json").read_text()
-    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
-        fit(config, verbose=False)
+    python = re.escape("already holds a run; pass --resume (in Python: config.replace(resume=True))")
+    with pytest.raises(CheckpointError, match=python):
+        getattr(jaxcifar, entry)(config, verbose=False)
     after = sorted(str(p.relative_to(config.workdir)) for p in Path(config.workdir).rglob("*"))
     assert before == after and Path(config.workdir, "history.json").read_text() == history
 
@@ -157,16 +163,16 @@ def test_fit_evaluates_in_chunks_on_one_cpu_device():
 def _tiny_run(tmp_path: Path, **overrides):
     """A set-up run (``loop.set_up``) of a width-4 ResNet18 on 128 synthetic images and its initial state."""
     from jaxcifar import loop
+    from jaxcifar.setup import RunSetup
 
     config = Config(
         data_source="synthetic", width=4, epochs=2, batch_size=32, eval_batch_size=64, train_subset=128,
         test_subset=64, lr=0.05, log_every=2, workdir=str(tmp_path / "run"), compile_cache=False, **overrides,
     )  # fmt: skip
-    mesh, model = loop.mesh_and_model(config)
-    dataset = load_dataset(config)
-    tx, schedule = optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
-    state = jax.device_put(create_train_state(model, tx, config.seed), replicated(mesh))
-    run = loop.set_up(config, dataset, state, [], schedule, mesh, Path(config.workdir), verbose=False)
+    setup = RunSetup.create(config, verbose=False)
+    tx, schedule = setup.training_optimizer()
+    state = setup.initial_state(tx)
+    run = loop.set_up(setup, state, [], schedule, RunDir(config.workdir), verbose=False)
     return run, state
 
 
@@ -200,13 +206,11 @@ def test_an_epoch_reads_no_scalar_back_from_the_device(tmp_path, monkeypatch):
 
 def test_a_train_step_updates_the_batchnorm_statistics(tmp_path):
     """A frozen BatchNorm (statistics not carried out of the step) would still train; this catches it at once."""
-    from jaxcifar import loop
 
     run, state = _tiny_run(tmp_path)
     try:
         before = jax.device_get(state.batch_stats)
-        rows = loop.shuffled_index_rows(run.shuffle_key, 128, 4, 32)
-        batch = run.gather(run.train.images, run.train.labels, rows, 0)
+        batch = run.setup.batch(run.setup.epoch_rows(1), 0)
         state, _ = run.train_step(state, batch)
         after = jax.device_get(state.batch_stats)
         changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)

@@ -16,10 +16,10 @@ import pytest
 
 from jaxcifar import Config, ConfigError, DivergedError, JaxcifarError, checkpoint, fit, sizing
 from jaxcifar.errors import CheckpointError
-from jaxcifar.files import read_history, write_json
+from jaxcifar.files import write_json
+from jaxcifar.layout import RunDir, committed_steps
 from jaxcifar.network import build_model
 from jaxcifar.state import create_train_state
-from jaxcifar.workdir import committed_steps, saved_epochs
 from tests.conftest import SYNTHETIC_RUN
 
 # A short run with the synthetic session run's shapes (one compile per test that trains).
@@ -56,7 +56,7 @@ def test_write_json_is_strict_and_atomic(tmp_path):
 def test_garbage_history_is_named(tmp_path):
     (tmp_path / "history.json").write_text('[{"epoch": 1, "train_lo')
     with pytest.raises(JaxcifarError, match=r"history\.json is not valid JSON"):
-        read_history(tmp_path)
+        RunDir(tmp_path).read_history()
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_a_broken_checkpoint_is_named_and_resume_falls_back(synthetic_run, tmp_p
     strip = [{k: v for k, v in r.items() if k not in timing} for r in history]
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == strip
     chex.assert_trees_all_equal(resumed.state.params, state.params)
-    assert saved_epochs(workdir) == config.epochs
+    assert RunDir(workdir).saved_epochs() == config.epochs
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:

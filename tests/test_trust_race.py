@@ -286,8 +286,8 @@ def test_the_workdir_is_locked_before_anything_is_decided_about_it(tmp_path, mon
 
     seen = []
 
-    def probe(config, workdir, *args, **kwargs):
-        seen.append(lock_state(workdir))
+    def probe(config, rundir, *args, **kwargs):
+        seen.append(lock_state(rundir.path))
         raise Reached
 
     monkeypatch.setattr(pipeline if entry == "run" else loop, "check_resume", probe)

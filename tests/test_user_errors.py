@@ -272,15 +272,12 @@ def test_user_error(case: Case, tmp_path, request, monkeypatch, capfd):
     for name, value in case.env.items():
         monkeypatch.setenv(name, subst(value))
     monkeypatch.chdir(tmp_path)
-    import jaxcifar.loop
-    import jaxcifar.lr_find
-    import jaxcifar.pipeline
+    import jaxcifar.setup
     import jaxcifar.steps
 
     monkeypatch.setattr(jaxcifar.steps, "make_train_step", tripwire("building a train step"))
-    if case.heavy:
-        for module in (jaxcifar.loop, jaxcifar.lr_find, jaxcifar.pipeline):
-            monkeypatch.setattr(module, "load_dataset", tripwire("data loading"))
+    if case.heavy:  # run, fit and lr_find load their data in their RunSetup
+        monkeypatch.setattr(jaxcifar.setup, "load_dataset", tripwire("data loading"))
     main = load_main(case.prog)
     before = tree_digest(tmp_path)
     capfd.readouterr()
