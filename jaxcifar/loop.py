@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxcifar import distributed, optim, testhooks
+from jaxcifar import distributed, optim
 from jaxcifar.checkpoint import Checkpointer, resume_config
 from jaxcifar.config import Config
 from jaxcifar.data import Dataset
@@ -191,7 +191,6 @@ def train(
         )
     elif setup is None:
         setup = RunSetup.create(config, dataset, verbose=shown, timing=timing)
-    testhooks.pause("after-data")
     tx, schedule = setup.training_optimizer()
     echo(compiling_line(setup), verbose)
     if restored is None:

@@ -22,7 +22,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from jaxcifar import backend, distributed, optim, sizing, steps
+from jaxcifar import backend, distributed, optim, sizing, steps, testhooks
 from jaxcifar.augmentation import AugmentSpec
 from jaxcifar.batches import Batch, DeviceSplit, make_gather_batch, shuffled_index_rows
 from jaxcifar.config import Config
@@ -164,6 +164,7 @@ class RunSetup:
         echo(describe_mesh(mesh), verbose)
         with timing.phase("data"):
             dataset = checked_dataset(config, dataset, steps_per_epoch)
+        testhooks.pause("after-data")
         if not isinstance(config.lr, str):  # a schedule these steps cannot make (--pct-start) refused before any work
             optim.make_training_optimizer(config, len(dataset.train) // config.batch_size)
         setup = cls(

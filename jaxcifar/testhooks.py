@@ -7,7 +7,8 @@ Without the variable, or at another point, ``pause`` returns at once.
 
 Points:
 
-- ``after-data``: in ``loop.fit``, once the data is loaded, before the steps are compiled.
+- ``after-data``: in ``setup.RunSetup.create`` (every run, resumed or not, and ``lr_find``), once the data is
+  loaded and checked, before anything is compiled.
 - ``report``: in ``pipeline.run`` (``--report``), when the report phase starts, before anything of it is made.
 """
 
