@@ -12,13 +12,11 @@ prints the median ms of each and its ratio to ``lax`` (plain XLA with the Eigen 
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxcifar import backend
 from jaxcifar.models import conv as mconv

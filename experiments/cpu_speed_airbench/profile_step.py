@@ -52,27 +52,41 @@ def main() -> None:
             jax.block_until_ready((state, m))
     path = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(path)
-    totals: collections.Counter = collections.Counter()
-    step_ms = 0.0
+    names = set(re.findall(r"%([\w.\-]+) = ", hlo))  # XLA op events: instruction names of the optimized HLO
+    ops: collections.Counter = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
             for ev in line.events:
-                if ev.name.startswith("PjitFunction") or ev.name.startswith("TfrtCpuExecutable::ExecuteHelper"):
-                    step_ms = max(step_ms, 0)
-                totals[(plane.name, line.name, ev.name)] += ev.duration_ns / 1e6
-    # keep XLA op events: names that appear as instructions in the optimized HLO
-    names = set(re.findall(r"%([\w.\-]+) = ", hlo))
-    ops = collections.Counter()
-    for (plane, line, name), ms in totals.items():
-        if name in names:
-            ops[name] += ms / args.steps
+                if ev.name in names:
+                    ops[ev.name] += ev.duration_ns / 1e6 / args.steps
+                elif ev.name.startswith("PjitFunction"):
+                    ops["(whole step)"] += ev.duration_ns / 1e6 / args.steps
+    whole = ops.pop("(whole step)", 0.0)
     total = sum(ops.values())
-    print(f"{args.model} B={args.batch_size} conv={args.conv} xla={args.xla}: XLA ops {total:.0f} ms/step")
-    lines = {m.group(1): m.group(0) for m in re.finditer(r"%([\w.\-]+) = ([^\n]{0,160})", hlo)}
+    print(
+        f"{args.model} B={args.batch_size} conv={args.conv} xla={args.xla}: step {whole:.0f} ms,"
+        f" XLA ops {total:.0f} ms/step"
+    )
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"%([\w.\-]+) = ([^\n]*)", hlo)}
+    kinds: collections.Counter = collections.Counter()
+    for name, ms in ops.items():
+        desc = lines.get(name, "")
+        if "convolution(" in desc or name.startswith("convolution"):
+            kinds["convolution (Eigen)"] += ms
+        elif "__ynn_fusion" in desc or name.startswith("ynn_fusion"):
+            kinds["YNNPACK fusion (dots, reductions)"] += ms
+        elif "reduce-window" in name or "scatter" in name or "iota" in name:
+            kinds["reduce-window / scatter / iota"] += ms
+        elif "concatenate" in name or "copy" in name or "transpose" in name or "slice" in name or "pad" in name:
+            kinds["data movement (concatenate, copy, transpose, slice, pad)"] += ms
+        else:
+            kinds["other fusions (elementwise: BN, GELU, ...)"] += ms
+    for kind, ms in kinds.most_common():
+        print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {kind}")
     for name, ms in ops.most_common(args.top):
         desc = lines.get(name, "")
         shape = re.search(r"= (\S+)", desc)
-        kind = "conv" if "convolution(" in desc else ("dot" if " dot(" in desc else "")
+        kind = "conv" if "convolution(" in desc or name.startswith("convolution") else ""
         print(f"{ms:8.1f} ms {100 * ms / total:5.1f}%  {name[:40]:40s} {kind:4s} {shape.group(1) if shape else ''}")
 
 

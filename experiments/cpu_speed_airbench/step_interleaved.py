@@ -152,7 +152,8 @@ def main() -> None:
         m = statistics.median(jax_ms[v])
         rs = ratios[v]
         print(
-            f"  jax[{v}] {m:.0f} ms/step ({bs / m * 1000:.0f} img/s); torch/jax ratio median {statistics.median(rs):.2f}"
+            f"  jax[{v}] {m:.0f} ms/step ({bs / m * 1000:.0f} img/s);"
+            f" torch/jax ratio median {statistics.median(rs):.2f}"
             f" (min {min(rs):.2f}, max {max(rs):.2f}, {len(rs)} rounds)"
         )
     for c in conns.values():
