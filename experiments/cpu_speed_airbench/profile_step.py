@@ -24,6 +24,13 @@ from jaxcifar.data import NORMALIZATION
 from jaxcifar.state import create_train_state
 
 
+def xla_options(name: str) -> dict[str, str]:
+    """backend.compiler_options(name) for eigen/ynnpack; "dot-only": YNNPACK for dots only (reductions to XLA)."""
+    if name == "dot-only":
+        return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return backend.compiler_options(name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="airbench")
@@ -40,7 +47,7 @@ def main() -> None:
     images, labels = random_batch(args.batch_size)
     batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
     mean, std = NORMALIZATION["cifar10"]
-    step = steps.make_train_step(mean, std, "crop-flip", xla_options=backend.compiler_options(args.xla))
+    step = steps.make_train_step(mean, std, "crop-flip", xla_options=xla_options(args.xla))
     compiled = step.lower(state, batch).compile()
     hlo = compiled.as_text()
     state, _ = compiled(state, batch)

@@ -32,19 +32,28 @@ from jaxcifar.data import NORMALIZATION
 from jaxcifar.state import create_train_state
 
 
+def xla_options(name: str) -> dict[str, str]:
+    """backend.compiler_options(name) for eigen/ynnpack; "dot-only": YNNPACK for dots only (reductions to XLA)."""
+    if name == "dot-only":
+        return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return backend.compiler_options(name)
+
+
 def conv_variant(name: str):
     """Returns the conv_general_dilated for a variant name: a backend impl (auto, lax, matmul)."""
     return backend.conv_general_dilated(name, jax.devices()[:1])
 
 
 def jax_step(model_name: str, batch_size: int, variant: str, images, labels, xla: str):
+    impl, _, xla_name = variant.partition("@")  # e.g. "auto@dot-only"
+    xla = xla_name or xla
     config = Config(model=model_name, batch_size=batch_size, conv_impl="lax", augment="crop-flip")
-    model = models.get_model(model_name, num_classes=10, width=64, conv_general_dilated=conv_variant(variant))
+    model = models.get_model(model_name, num_classes=10, width=64, conv_general_dilated=conv_variant(impl))
     tx = optim.make_optimizer(config, optax.constant_schedule(0.01))
     state = create_train_state(model, tx, seed=0)
     mean, std = NORMALIZATION["cifar10"]
     batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
-    options = backend.compiler_options(xla)
+    options = xla_options(xla)
     t0 = time.perf_counter()
     step = steps.make_train_step(mean, std, "crop-flip", xla_options=options).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -113,8 +122,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="airbench")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--variants", default="auto", help="comma-separated conv variants (auto, lax, matmul)")
-    p.add_argument("--xla", default="eigen", help="backend.compiler_options: eigen or ynnpack")
+    p.add_argument("--variants", default="auto", help="conv variants (auto, lax, matmul), each optionally @xla")
+    p.add_argument("--xla", default="eigen", help="eigen, ynnpack or dot-only")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     variants = args.variants.split(",")
