@@ -21,6 +21,7 @@ import multiprocessing
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -45,8 +46,16 @@ def conv_variant(name: str):
 
 
 def jax_step(model_name: str, batch_size: int, variant: str, images, labels, xla: str):
-    impl, _, xla_name = variant.partition("@")  # e.g. "auto@dot-only"
+    impl, _, xla_name = variant.partition("@")  # e.g. "auto@dot-only", "auto+flaxpool"
     xla = xla_name or xla
+    if impl.endswith("+flaxpool"):  # this worker process only: the models' max-pool as before (flax's)
+        impl = impl.removesuffix("+flaxpool")
+        from jaxcifar.models import airbench, resnet9
+
+        def flax_pool(x, size):
+            return nn.max_pool(x, (size, size), strides=(size, size))
+
+        airbench.max_pool = resnet9.max_pool = flax_pool
     config = Config(model=model_name, batch_size=batch_size, conv_impl="lax", augment="crop-flip")
     model = models.get_model(model_name, num_classes=10, width=64, conv_general_dilated=conv_variant(impl))
     tx = optim.make_optimizer(config, optax.constant_schedule(0.01))
