@@ -16,6 +16,10 @@ Which convolutions take the custom gradient is the caller's choice (``min_flops`
 ``jaxcifar.backend`` chooses per platform, from measurements kept in ``experiments/cpu_conv``.
 The custom VJP defines a VJP only: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) of a
 model using it raises an error; build the model with ``lax.conv_general_dilated`` for that.
+
+Also here, for XLA:CPU: ``matmul_conv`` and ``matmul_input_grad`` (a stride-1 forward and input gradient
+as im2col matmuls; measured in experiments/cpu_speed_airbench, not routed by default) and ``max_pool`` (a
+max-pool whose gradient is elementwise, used by the resnet9 and airbench models).
 """
 
 from __future__ import annotations
