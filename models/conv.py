@@ -339,9 +339,9 @@ def max_pool(x: jax.Array, size: int) -> jax.Array:
 
     Computed as a max over a reshape, so that its gradient is elementwise (compare, select, divide) instead of
     XLA:CPU's select-and-scatter, which it expands to a reduce-window over index pairs plus a scatter and which
-    took ~40 % of an airbench train step (experiments/cpu_speed_airbench). The gradient differs from
-    ``flax.linen.max_pool``'s only where a window holds several equal maxima: it is split among them
-    (``jnp.max``'s rule) instead of given to one.
+    took ~40 % of an airbench train step's XLA op time, ~10 % of its wall time (experiments/cpu_speed_airbench).
+    The gradient differs from ``flax.linen.max_pool``'s only where a window holds several equal maxima: it is
+    split among them (``jnp.max``'s rule) instead of given to one.
     """
     b, h, w, c = x.shape
     ho, wo = h // size, w // size
