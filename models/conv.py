@@ -16,6 +16,10 @@ Which convolutions take the custom gradient is the caller's choice (``min_flops`
 ``jaxcifar.backend`` chooses per platform, from measurements kept in ``experiments/cpu_conv``.
 The custom VJP defines a VJP only: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) of a
 model using it raises an error; build the model with ``lax.conv_general_dilated`` for that.
+
+Also here, for XLA:CPU: ``matmul_conv`` and ``matmul_input_grad`` (a stride-1 forward and input gradient
+as im2col matmuls; measured in experiments/cpu_speed_airbench, not routed by default) and ``max_pool`` (a
+max-pool whose gradient is elementwise, used by the resnet9 and airbench models).
 """
 
 from __future__ import annotations
@@ -56,6 +60,47 @@ def conv(
 
 def _lax_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], padding: tuple) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def matmul_conv(
+    x: jax.Array, kernel: jax.Array, padding: Padding, block_bytes: int | None = PATCH_BLOCK_BYTES
+) -> jax.Array:
+    """Returns the stride-1 NHWC x HWIO convolution (B, Ho, Wo, C_out) of ``x`` (B, H, W, C_in) as im2col
+    matmuls: ``patches(x) @ kernel.reshape(kh * kw * C_in, C_out)``, ``block_bytes`` of patches at a time
+    (a loop over image blocks; ``None``: one matmul). Equal to ``lax.conv_general_dilated``'s up to rounding."""
+    kh, kw, c_in, c_out = kernel.shape
+    (pt, pb), (pl, pr) = padding
+    ho, wo = x.shape[1] + pt + pb - kh + 1, x.shape[2] + pl + pr - kw + 1
+    batch, cols = x.shape[0], kh * kw * c_in
+    per_block = batch if block_bytes is None else _images_per_block(batch, ho * wo, cols, x.dtype.itemsize, block_bytes)
+    w = kernel.reshape(cols, c_out).astype(x.dtype)
+    pads = ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0))
+
+    def block(xb: jax.Array) -> jax.Array:
+        patches = _patches(lax.pad(xb, jnp.zeros((), xb.dtype), pads), (kh, kw), (1, 1), (ho, wo))
+        return lax.dot_general(patches, w, (((3,), (0,)), ((), ())))
+
+    if per_block == batch:
+        return block(x)
+    out = lax.map(block, x.reshape(batch // per_block, per_block, *x.shape[1:]))
+    return out.reshape(batch, ho, wo, c_out)
+
+
+def matmul_input_grad(
+    kernel: jax.Array,
+    g: jax.Array,
+    x_shape: Sequence[int],
+    padding: Padding,
+    block_bytes: int | None = PATCH_BLOCK_BYTES,
+) -> jax.Array:
+    """Returns dL/dx (``x_shape``) of a stride-1 ``conv(x, kernel, (1, 1), padding)`` given ``g`` = dL/doutput:
+    the stride-1 convolution of ``g``, padded by (k - 1 - pad) before and (H - Ho + pad) after, with the
+    flipped, channel-transposed kernel, as ``matmul_conv``."""
+    kh, kw = kernel.shape[:2]
+    (pt, _), (pl, _) = padding
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)  # (kh, kw, C_out, C_in)
+    pads = ((kh - 1 - pt, x_shape[1] - g.shape[1] + pt), (kw - 1 - pl, x_shape[2] - g.shape[2] + pl))
+    return matmul_conv(g, flipped, pads, block_bytes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -285,3 +330,20 @@ class CustomGradConv:
 def flops(batch: int, out_hw: Sequence[int], window: Sequence[int], c_in: int, c_out: int) -> int:
     """Returns the forward FLOPs (2 per multiply-add) of one convolution over a batch."""
     return 2 * batch * math.prod(out_hw) * math.prod(window) * c_in * c_out
+
+
+def max_pool(x: jax.Array, size: int) -> jax.Array:
+    """Returns the ``size x size`` max-pool, stride ``size``, no padding, of NHWC ``x`` (B, H, W, C):
+    (B, H // size, W // size, C), the trailing rows and columns that fill no window dropped, as
+    ``flax.linen.max_pool(x, (size, size), strides=(size, size))``.
+
+    Computed as a max over a reshape, so that its gradient is elementwise (compare, select, divide) instead of
+    XLA:CPU's select-and-scatter, which it expands to a reduce-window over index pairs plus a scatter and which
+    took ~40 % of an airbench train step's XLA op time, ~10 % of its wall time (experiments/cpu_speed_airbench).
+    The gradient differs from ``flax.linen.max_pool``'s only where a window holds several equal maxima: it is
+    split among them (``jnp.max``'s rule) instead of given to one.
+    """
+    b, h, w, c = x.shape
+    ho, wo = h // size, w // size
+    x = x[:, : ho * size, : wo * size, :].reshape(b, ho, size, wo, size, c)
+    return jnp.max(x, axis=(2, 4))

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcifar.models.conv import max_pool
+
 # PyTorch's default init of Conv2d and Linear weights (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
 TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -60,7 +62,7 @@ class ConvBN(nn.Module):
         )(x)
         x = nn.relu(x)
         if self.pool:
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool(x, 2)
         return x
 
 

@@ -8,6 +8,7 @@ import re
 from types import SimpleNamespace
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,3 +325,39 @@ def test_compiler_options_give_cpu_convolutions_to_eigen():
 
     assert placement(backend.compiler_options("ynnpack")) == {"convolution": {True}, "dot": {True}}
     assert placement(backend.compiler_options()) == {"convolution": {False}, "dot": {True}}
+
+
+STRIDE1_CASES = [
+    # (input shape, kernel shape, padding): airbench's and resnet9's 3x3 "same" convolutions, airbench's
+    # 2x2 whitening (VALID), an asymmetric padding.
+    ((3, 7, 7, 4), (3, 3, 4, 6), ((1, 1), (1, 1))),
+    ((2, 8, 8, 3), (2, 2, 3, 5), ((0, 0), (0, 0))),
+    ((2, 6, 9, 3), (3, 2, 3, 4), ((2, 0), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1], ids=["one-matmul", "blocked"])
+@pytest.mark.parametrize(("shape", "kernel_shape", "padding"), STRIDE1_CASES)
+def test_matmul_forward_and_input_gradient_equal_lax(shape, kernel_shape, padding, block_bytes):
+    """``matmul_conv`` (im2col matmuls) equals the stride-1 lax convolution, and ``matmul_input_grad`` its input
+    gradient (the convolution of the padded ``g`` with the flipped kernel), in one matmul or one image at a time."""
+    x, kernel, key = _inputs(shape, kernel_shape)
+    out, vjp = jax.vjp(lambda x_: _reference(x_, kernel, (1, 1), padding), x)
+    g = jax.random.normal(key, out.shape)
+    got = jax.jit(mconv.matmul_conv, static_argnums=(2, 3))(x, kernel, padding, block_bytes)
+    chex.assert_trees_all_close(got, out, rtol=1e-5, atol=1e-5)
+    dx = jax.jit(mconv.matmul_input_grad, static_argnums=(2, 3, 4))(kernel, g, shape, padding, block_bytes)
+    chex.assert_shape(dx, shape)
+    chex.assert_trees_all_close(dx, vjp(g)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "size"), [((2, 31, 31, 3), 2), ((2, 7, 7, 3), 3), ((1, 8, 6, 2), 2)])
+def test_max_pool_equals_flax_max_pool_and_its_gradient(shape, size):
+    """``max_pool`` (a max over a reshape) returns flax's ``max_pool`` (stride = window, VALID: odd sides drop
+    their last rows) and, with no ties in a window, the same gradient (each window's max gets the cotangent)."""
+    x = jax.random.normal(jax.random.PRNGKey(3), shape)
+    want, want_vjp = jax.vjp(lambda x_: nn.max_pool(x_, (size, size), strides=(size, size)), x)
+    got, got_vjp = jax.vjp(lambda x_: mconv.max_pool(x_, size), x)
+    chex.assert_trees_all_equal(got, want)
+    g = jax.random.normal(jax.random.PRNGKey(4), want.shape)
+    chex.assert_trees_all_equal(got_vjp(g)[0], want_vjp(g)[0])
