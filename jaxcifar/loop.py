@@ -43,6 +43,10 @@ from jaxcifar.timing import Timing
 from jaxcifar.workdir import claim_workdir
 from jaxcifar.writers import MetricWriter
 
+# The keys of an epoch's history record that hold times: they differ between two runs of the same config (seconds
+# of training, of evaluation, of both, and since the command started, at the end of the epoch's evaluation).
+TIME_KEYS = ("seconds", "train_seconds", "eval_seconds", "wall_seconds")
+
 # A mean cross-entropy above this many times the loss of a uniform guess (ln K nats) means the true
 # class gets a probability below K^-100: the run has diverged even if the loss is still finite.
 DIVERGED_LOSS_FACTOR = 100.0
@@ -371,6 +375,7 @@ def select_and_save(run: Run, state: TrainState, record: dict[str, Any], best: f
         if key.endswith("_loss") and (key == "train_loss" or not math.isfinite(value)):
             check_loss(run, f"the {key.replace('_', ' ')}", value, record["epoch"], record["step"])
     record["seconds"] = record["train_seconds"] + record["eval_seconds"]
+    record["wall_seconds"] = round(time.perf_counter() - run.timing.started, 3)
     if config.tta != "none":
         record["tta"] = config.tta
     if run.setup.mix_enabled:

@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from jaxcifar.loop import TIME_KEYS
 from tests.tiny_runs import flags, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
 # 3 epochs of 4 steps: the tiny run every chaos launch trains (the same config in every launch).
 RUN = tiny_run(epochs=3, keep_checkpoints=5, log_every=4)
-TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "timing")
+TIMING_KEYS = (*TIME_KEYS, "timing")
 POLL = 0.002  # seconds between looks at the run
 
 

@@ -29,6 +29,7 @@ from flax.training.dynamic_scale import DynamicScale
 from jaxcifar import fit, models, optim, steps
 from jaxcifar.config import Config
 from jaxcifar.data import NORMALIZATION
+from jaxcifar.loop import TIME_KEYS
 from jaxcifar.sources import make_synthetic
 from jaxcifar.state import checkpoint_items, create_train_state, default_dynamic_scale
 from tests.tiny_runs import tiny_run
@@ -258,7 +259,6 @@ def test_float16_fit_resumes_exactly(tmp_path):
     resumed = fit(config.replace(workdir=str(workdir), resume=True), verbose=False)
     chex.assert_trees_all_equal(resumed.state.dynamic_scale, full.state.dynamic_scale)
     chex.assert_trees_all_equal(checkpoint_items(resumed.state), checkpoint_items(full.state))
-    timings = ("seconds", "train_seconds", "eval_seconds")
-    assert [{k: v for k, v in r.items() if k not in timings} for r in resumed.history] == [
-        {k: v for k, v in r.items() if k not in timings} for r in full.history
+    assert [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in TIME_KEYS} for r in full.history
     ]

@@ -13,8 +13,11 @@ from jaxcifar.errors import ConfigError
 
 
 def _history(accs, seconds):
+    """Epoch records whose evaluation ends 5 s after each epoch's training (wall seconds from the run's start)."""
+    ends = [sum(seconds[: i + 1]) + 5.0 * (i + 1) for i in range(len(seconds))]
     return [
-        {"epoch": i + 1, "test_acc": a, "train_seconds": s} for i, (a, s) in enumerate(zip(accs, seconds, strict=True))
+        {"epoch": i + 1, "test_acc": a, "train_seconds": s, "wall_seconds": w}
+        for i, (a, s, w) in enumerate(zip(accs, seconds, ends, strict=True))
     ]
 
 
@@ -24,10 +27,12 @@ def test_run_record_counts_training_seconds_up_to_the_first_epoch_at_the_target(
         "final_acc": 0.9,
         "epoch_to_target": 2,
         "train_seconds_to_target": 21.0,
+        "wall_seconds_to_target": 31.0,
         "timing": {"total": 60.0},
     }
     never = race.run_record(_history([0.5, 0.6], [1.0, 1.0]), {}, 0.85)
     assert never["epoch_to_target"] is None and never["train_seconds_to_target"] is None
+    assert never["wall_seconds_to_target"] is None
 
 
 def test_mean_std_is_the_sample_statistics_of_the_present_values():
@@ -38,6 +43,10 @@ def test_mean_std_is_the_sample_statistics_of_the_present_values():
     summary = race.summarize(runs)
     assert summary["train_seconds_to_target"] == {"mean": 3.0, "std": math.sqrt(2.0), "n": 2}
     assert summary["reached"] == 2 and summary["timing"]["train"]["mean"] == 3.0
+    assert summary["wall_seconds_to_target"] == {
+        "cold": {"mean": 7.0, "std": 0.0, "n": 1},
+        "warm": {"mean": 9.0, "std": 0.0, "n": 1},
+    }
 
 
 def test_bad_target_and_runs_are_refused(tmp_path):
@@ -59,6 +68,10 @@ def test_race_command_writes_per_run_records_and_their_summary(tmp_path, capsys)
     for r in report["runs"]:
         assert r["epoch_to_target"] == 1 and r["train_seconds_to_target"] > 0  # any accuracy beats 5 %
         assert r["timing"]["total"] >= r["timing"]["train"] > 0
+        # from the run's start (run 1: the process's) to the end of epoch 1's evaluation: within the whole run
+        assert r["train_seconds_to_target"] < r["wall_seconds_to_target"] <= r["timing"]["total"]
     accs = [r["final_acc"] for r in report["runs"]]
     assert report["summary"]["final_acc"]["mean"] == pytest.approx(sum(accs) / 2)
-    assert "race: final acc" in capsys.readouterr().out
+    assert report["summary"]["wall_seconds_to_target"]["cold"]["n"] == 1
+    out = capsys.readouterr().out
+    assert "race: final acc" in out and "s wall cold" in out and "s wall warm" in out

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcifar import CheckpointError, Config, ConfigError, backend, fit, load_dataset, optim, steps
+from jaxcifar import CheckpointError, Config, ConfigError, backend, fit, load_dataset, loop, optim, steps
 from jaxcifar.layout import RunDir
 from jaxcifar.mesh import make_mesh
 from jaxcifar.network import build_model
@@ -38,11 +38,7 @@ def test_workdir_outputs(synthetic_run):
     assert Config.load(workdir / "config.json") == config
     history = RunDir(workdir).read_history()
     assert history == result.history and len(history) == 4
-    keys = {"epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr"} | {
-        "seconds",
-        "train_seconds",
-        "eval_seconds",
-    }
+    keys = {"epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr"} | set(loop.TIME_KEYS)
     assert set(history[0]) >= keys
     assert history[-1]["lr"] < history[1]["lr"]  # onecycle annealed
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [16, 32, 48, 64]
@@ -63,9 +59,8 @@ def test_resume_equals_uninterrupted_run(synthetic_run, tmp_path):
     assert int(resumed.state.step) == int(full.state.step)
     chex.assert_trees_all_close(resumed.state.params, full.state.params, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(resumed.state.batch_stats, full.state.batch_stats, rtol=1e-5, atol=1e-6)
-    timings = ("seconds", "train_seconds", "eval_seconds")
-    strip = [{k: v for k, v in r.items() if k not in timings} for r in resumed.history]
-    expected = [{k: v for k, v in r.items() if k not in timings} for r in full.history]
+    strip = [{k: v for k, v in r.items() if k not in loop.TIME_KEYS} for r in resumed.history]
+    expected = [{k: v for k, v in r.items() if k not in loop.TIME_KEYS} for r in full.history]
     assert [sorted(r) for r in strip] == [sorted(r) for r in expected]
     np.testing.assert_allclose(
         [[r[k] for k in sorted(r)] for r in strip], [[r[k] for k in sorted(r)] for r in expected], rtol=1e-5

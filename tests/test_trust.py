@@ -18,6 +18,7 @@ from jaxcifar import Config, ConfigError, DivergedError, JaxcifarError, checkpoi
 from jaxcifar.errors import CheckpointError
 from jaxcifar.files import write_json
 from jaxcifar.layout import RunDir, committed_steps
+from jaxcifar.loop import TIME_KEYS
 from jaxcifar.network import build_model
 from jaxcifar.state import create_train_state
 from tests.conftest import SYNTHETIC_RUN
@@ -113,7 +114,7 @@ def test_a_broken_checkpoint_is_named_and_resume_falls_back(synthetic_run, tmp_p
     resumed = fit(config.replace(workdir=str(workdir), resume=True), verbose=False)
     out = capsys.readouterr().out
     assert f"unreadable checkpoint {newest}" in out and "using" in out and "moved the unreadable checkpoint" in out
-    timing = {"seconds", "train_seconds", "eval_seconds"}
+    timing = set(TIME_KEYS)
     strip = [{k: v for k, v in r.items() if k not in timing} for r in history]
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == strip
     chex.assert_trees_all_equal(resumed.state.params, state.params)
