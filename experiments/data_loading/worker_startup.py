@@ -40,7 +40,7 @@ def main() -> None:
             "worker = importlib.util.module_from_spec(spec)\n"
             "spec.loader.exec_module(worker)\n"
             f"worker.import_package_from(pathlib.Path('{new}'))\n"
-            "from jaxcifar.sources.decode import decode_serial\n"
+            "from jaxcifar.sources.image_file import decode_serial\n"
         )
         times: dict[str, list[float]] = {"before": [], "after": []}
         for _ in range(ROUNDS):

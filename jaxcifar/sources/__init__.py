@@ -4,7 +4,8 @@ Every reader returns ``{split: (images uint8 (N, 32, 32, 3), labels int32 (N,))}
 ``train`` and ``test`` plus the class names. ``jaxcifar.data`` adds subsets and the validation split.
 
 One module per job: ``image_folder`` (train/CLASS/*.jpg trees; ``archive`` unpacks a tar archive of one
-into the cache), ``decode`` (image files to arrays, in one process per CPU running ``decode_worker``),
+into the cache), ``image_file`` (one image file to an array), ``decode`` (many, in one process per CPU running
+``decode_worker``),
 ``cache`` (the decoded-image cache, ``folder_cache_root()``: the first load of a folder decodes all of
 it, subset or not, and later loads of the unchanged folder read it; experiments/data_loading),
 ``cifar_python`` (the official tarball) and ``download`` (fetching it), ``tfds``, ``synthetic``, and
@@ -41,7 +42,6 @@ from jaxcifar.sources.decode import (
     IMAGE_BYTES,
     PARALLEL_MIN_IMAGES,
     PARALLEL_MIN_SHARE,
-    decode_image,
     decode_images,
     decode_workers,
 )
@@ -57,6 +57,7 @@ from jaxcifar.sources.diagnose import (
     looks_like_cifar_python,
 )
 from jaxcifar.sources.download import download_cifar_python, md5sum, verify_md5
+from jaxcifar.sources.image_file import decode_image
 from jaxcifar.sources.image_folder import list_image_folder, read_image_folder
 from jaxcifar.sources.synthetic import make_synthetic
 from jaxcifar.sources.tfds import TFDS_CHUNK, read_tfds, read_tfds_split

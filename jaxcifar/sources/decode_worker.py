@@ -57,7 +57,7 @@ def serve(parent: int) -> None:
 
     from jaxcifar.errors import DataError
     from jaxcifar.sources.common import IMAGE_SIZE
-    from jaxcifar.sources.decode import decode_serial
+    from jaxcifar.sources.image_file import decode_serial
 
     request = json.loads(sys.stdin.buffer.read())
     paths = [Path(p) for p in request["paths"]]
