@@ -10,12 +10,11 @@ import logging
 import os
 import shutil
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
 
 from jaxcifar.errors import DataError
-from jaxcifar.sources.cache import lock_folder, remove_abandoned
+from jaxcifar.sources.cache import remove_abandoned, staged_folder
 from jaxcifar.sources.common import CIFAR_PYTHON, IMAGE_EXTENSIONS, SPLITS, default_cache_dir, first_line
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -114,26 +113,16 @@ def _by_hand(path: Path, folder: str) -> str:
 def _unpack(path: Path, folder: str, entry: Path) -> None:
     """Unpacks the images under ``folder`` of the archive ``path`` into ``entry`` atomically (temporary
     folder, then rename); a concurrent unpack of the same state that renamed first wins."""
-    tmp: Path | None = None
-    lock: int | None = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(entry.parent)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
-        lock = lock_folder(tmp)
-        logging.getLogger(__name__).warning(
-            "%s: an archive of an image-folder tree; unpacking it once into %s (later runs read that copy)",
-            path,
-            entry,
-        )
-        _extract_images(path, folder, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; as readable as the folders mkdir makes
-        try:
-            os.rename(tmp, entry)
-            tmp = None
-        except OSError:
-            if not entry.is_dir():
-                raise
+        with staged_folder(entry) as tmp:
+            logging.getLogger(__name__).warning(
+                "%s: an archive of an image-folder tree; unpacking it once into %s (later runs read that copy)",
+                path,
+                entry,
+            )
+            _extract_images(path, folder, tmp)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(
             f"{path}: truncated or corrupt archive ({first_line(e)}); copy it again, or {_by_hand(path, folder)}"
@@ -143,11 +132,6 @@ def _unpack(path: Path, folder: str, entry: Path) -> None:
             f"cannot unpack {path} into {entry.parent} ({e.strerror or first_line(e)}); set JAXCIFAR_CACHE_DIR to a "
             f"folder with room for it, or {_by_hand(path, folder)}"
         ) from e
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if lock is not None:
-            os.close(lock)
 
 
 def _extract_images(path: Path, folder: str, target: Path) -> None:

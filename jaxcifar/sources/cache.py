@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,34 +119,22 @@ def write_folder_cache(
     the entries no load can use are deleted (``_remove_stale``). A read-only, full or unusable cache folder
     logs one warning line and returns False (the run goes on without the cache).
     """
-    tmp: Path | None = None
-    lock: int | None = None
+    meta: dict[str, Any] = {
+        "format": FOLDER_CACHE_FORMAT,
+        "root": str(root.resolve()),
+        "resize": resize,
+        "class_names": class_names,
+        "count": {},
+        "crc32": {},
+    }
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
-        lock = lock_folder(tmp)
-        meta: dict[str, Any] = {
-            "format": FOLDER_CACHE_FORMAT,
-            "root": str(root.resolve()),
-            "resize": resize,
-            "class_names": class_names,
-            "count": {},
-            "crc32": {},
-        }
-        for split, (images, labels) in arrays.items():
-            _save_npy(tmp / f"{split}_images.npy", images)
-            _save_npy(tmp / f"{split}_labels.npy", labels)
-            meta["count"][split] = len(labels)
-            meta["crc32"][split] = zlib.crc32(np.ascontiguousarray(images))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; as readable as the folders mkdir makes
-        try:
-            os.rename(tmp, entry)
-            tmp = None
-        except OSError:
-            if not entry.is_dir():
-                raise
-            # another process stored the same entry first
+        with staged_folder(entry) as tmp:
+            for split, (images, labels) in arrays.items():
+                _save_npy(tmp / f"{split}_images.npy", images)
+                _save_npy(tmp / f"{split}_labels.npy", labels)
+                meta["count"][split] = len(labels)
+                meta["crc32"][split] = zlib.crc32(np.ascontiguousarray(images))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as e:
         log.warning(
             "cannot write the folder cache in %s (%s); loading without it (JAXCIFAR_CACHE_DIR sets the cache folder)",
@@ -153,13 +142,34 @@ def write_folder_cache(
             e.strerror or e,
         )
         return False
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if lock is not None:
-            os.close(lock)
     _remove_stale(entry)
     return True
+
+
+@contextlib.contextmanager
+def staged_folder(entry: Path) -> Iterator[Path]:
+    """Yields a new hidden folder beside ``entry`` (made here, locked with ``lock_folder``) to write ``entry``'s
+    files into; when the block ends normally, renames it to ``entry``, readable as the folders ``mkdir`` makes
+    (when another process renamed its copy to ``entry`` first, that one stays). However the block ends, the
+    folder is gone afterwards and its lock released, so no half-written ``entry`` is ever read; a killed
+    process's folder is deleted by the next ``remove_abandoned``. OSError from making or renaming it
+    propagates."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
+    lock: int | None = None
+    try:
+        lock = lock_folder(tmp)
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not entry.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left there after the rename
+        if lock is not None:
+            os.close(lock)
 
 
 def lock_folder(folder: Path) -> int | None:
