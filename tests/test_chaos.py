@@ -45,13 +45,21 @@ def command(workdir: Path, resume: bool = False, **changes: Any) -> list[str]:
 
 
 class Launch:
-    """A running ``python -m jaxcifar.train``, its output collected line by line by reader threads."""
+    """A running ``python -m jaxcifar.train`` of the tiny run in ``workdir`` (or the command line ``argv``), its
+    output collected line by line by reader threads."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], resume: bool = False, **changes: Any):
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        resume: bool = False,
+        argv: list[str] | None = None,
+        **changes: Any,
+    ):
         self.workdir = Path(workdir)
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            command(workdir, resume, **changes),
+            argv or command(workdir, resume, **changes),
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,

@@ -35,25 +35,6 @@ STEPS_PER_EPOCH = RUN["train_subset"] // RUN["batch_size"]
 REPORT_FILES = ("report.json", "curves.png", "lr.png", "misclassified.png", "confusion.png")
 
 
-class CommandLaunch(Launch):
-    """A ``Launch`` of any command line (``Launch`` itself always runs ``command(workdir, ...)``)."""
-
-    def __init__(self, argv: list[str], workdir: Path, env: dict[str, str]):
-        self.workdir = Path(workdir)
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.process.stdout, self.out), daemon=True),
-            threading.Thread(target=self._read, args=(self.process.stderr, self.err), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-
 def paused(env: dict[str, str], point: str, gate: Path) -> dict[str, str]:
     """``env`` with the test hook: the process waits at ``point`` until ``gate`` exists."""
     return {**env, PAUSE_ENV: f"{point}:{gate}"}
@@ -182,7 +163,7 @@ def test_report_interrupted_during_train_report_is_written_by_resume(tmp_path, c
     not written and how to write it; the same command with --resume writes it (and then leaves it alone)."""
     workdir, gate = tmp_path / "run", tmp_path / "go"
     argv = [*command(workdir), "--report"]
-    launch = CommandLaunch(argv, workdir, paused(chaos_env, "report", gate))
+    launch = Launch(workdir, paused(chaos_env, "report", gate), argv=argv)
     try:
         assert wait_paused(launch, gate), f"the run never reached its report: {launch.out} {launch.err}"
         assert interrupt(launch) == 130, launch.err
@@ -196,7 +177,7 @@ def test_report_interrupted_during_train_report_is_written_by_resume(tmp_path, c
     assert history_epochs(workdir) == RUN["epochs"]
     assert not (workdir / "report.json").exists()
 
-    resumed = CommandLaunch([*argv, "--resume"], workdir, chaos_env)
+    resumed = Launch(workdir, chaos_env, argv=[*argv, "--resume"])
     assert resumed.wait(timeout=300) == 0, resumed.err
     missing = [name for name in REPORT_FILES if not (workdir / name).is_file()]
     assert not missing, f"--resume did not write {missing}: {resumed.out} {resumed.err}"
@@ -205,7 +186,7 @@ def test_report_interrupted_during_train_report_is_written_by_resume(tmp_path, c
     assert any(line.startswith("report: ") for line in resumed.out), resumed.out
 
     written = tree_digest(workdir)
-    again = CommandLaunch([*argv, "--resume"], workdir, chaos_env)
+    again = Launch(workdir, chaos_env, argv=[*argv, "--resume"])
     assert again.wait(timeout=300) == 0, again.err
     assert any("already finished" in line for line in again.out), again.out
     assert tree_digest(workdir) == written, "a second --resume changed the finished run's files"
