@@ -167,12 +167,20 @@ def whitening_kernel(
     return filters.reshape(WHITEN_KERNEL, WHITEN_KERNEL, 3, WHITEN_WIDTH).astype(np.float32)
 
 
+def whitening_sample(images: np.ndarray, count: int = WHITEN_IMAGES) -> np.ndarray:
+    """Returns ``min(count, N)`` of ``images`` (N, H, W, C), evenly spaced through the split: every
+    ``N // count``-th image from the first. airbench94 takes the first 5,000 of CIFAR-10's official order, which
+    is shuffled; an image-folder split is sorted by class, so its first 5,000 would all be one class."""
+    step = max(1, len(images) // count)
+    return np.asarray(images[::step][:count])
+
+
 def params_from_data(
     params: Mapping[str, Any], images: np.ndarray, mean: Sequence[float], std: Sequence[float]
 ) -> dict[str, Any]:
-    """Returns ``params`` with the whitening filters computed from the first ``WHITEN_IMAGES`` of ``images``
-    (the training split, uint8 (N, 32, 32, 3), normalized with ``mean``/``std``); the bias stays as it was (0)."""
-    kernel = whitening_kernel(np.asarray(images[:WHITEN_IMAGES]), mean, std)
+    """Returns ``params`` with the whitening filters computed from ``whitening_sample(images)`` (the training
+    split, uint8 (N, 32, 32, 3), normalized with ``mean``/``std``); the bias stays as it was (0)."""
+    kernel = whitening_kernel(whitening_sample(images), mean, std)
     whiten = {**params["whiten"], "kernel": jnp.asarray(kernel, params["whiten"]["kernel"].dtype)}
     return {**params, "whiten": whiten}
 

@@ -13,7 +13,7 @@ import pytest
 from jaxcifar import gradcam, models, optim, steps, transforms
 from jaxcifar.config import Config
 from jaxcifar.errors import ConfigError
-from jaxcifar.models.airbench import WHITEN_EPS, patch_second_moment, whitening_kernel
+from jaxcifar.models.airbench import WHITEN_EPS, patch_second_moment, whitening_kernel, whitening_sample
 from jaxcifar.state import TrainState, create_train_state, init_variables, param_count
 from tests import torch_support
 
@@ -93,6 +93,24 @@ def test_whitening_filters_whiten_the_patches_they_were_computed_from():
     exact = whitening_kernel(images, MEAN, STD, eps=0.0).reshape(12, 24)[:, :12]
     patches = np.linalg.cholesky(patch_second_moment(images, MEAN, STD))  # any P with P P^T = the moment
     np.testing.assert_allclose(exact.T @ patches @ patches.T @ exact, np.eye(12), atol=1e-3)
+
+
+def test_whitening_statistics_come_from_the_whole_split_not_its_first_class():
+    """An image-folder split is sorted by class: the whitening sample takes every (N // 5000)-th image, so a split
+    whose first half is dark and second half bright is sampled from both halves, and at most 5,000 images."""
+    dark = np.full((6000, 4, 4, 3), 20, np.uint8)
+    bright = np.random.default_rng(0).integers(0, 256, (6000, 4, 4, 3), dtype=np.uint8)
+    images = np.concatenate([dark, bright])
+    sample = whitening_sample(images)
+    assert sample.shape == (5000, 4, 4, 3)
+    assert 2000 <= np.sum(sample.reshape(5000, -1).max(axis=1) > 20) <= 3000  # about half from each half
+    np.testing.assert_array_equal(whitening_sample(images[:300]), images[:300])  # fewer than 5,000: all of them
+    big = np.concatenate([np.full((6000, 32, 32, 3), 20, np.uint8), _images(6000)])
+    model = models.get_model("airbench", width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    kernel = np.asarray(models.initial_params(model, params, big, MEAN, STD)["whiten"]["kernel"])
+    np.testing.assert_allclose(kernel, whitening_kernel(big[::2][:5000], MEAN, STD), rtol=1e-5)
+    assert not np.allclose(kernel, whitening_kernel(big[:5000], MEAN, STD), atol=1e-2)
 
 
 def test_the_run_state_starts_from_the_data_whitening_and_the_optimizer_freezes_it():
