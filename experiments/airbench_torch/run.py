@@ -28,6 +28,7 @@ PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -160,6 +161,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="The unpacked JPEG tree (train/ and test/ class folders).")
     parser.add_argument("--epochs", type=float, default=9.9, help="airbench's train_epochs (9.9 for airbench94).")
+    parser.add_argument("--width", type=int, default=64, help="block1's width; blocks 2 and 3 get 4x (64/256/256).")
+    parser.add_argument("--batch-size", type=int, default=1024, help="airbench's batch size (its LR is per example).")
+    parser.add_argument("--tta-level", type=int, default=2, help="The final evaluation: 0 none, 1 mirror, 2 + shifts.")
     parser.add_argument("--runs", type=int, default=1, help="Seeds 0..runs-1, one after another in this process.")
     parser.add_argument("--target", type=float, nargs="+", default=[0.85, 0.90], help="Accuracies to time.")
     parser.add_argument("--out", required=True, help="Where to write the JSON record.")
@@ -181,9 +185,11 @@ def main() -> None:
             start = time.perf_counter()
             with on_the_cpu(airbench, records):
                 loader = importlib.import_module("airbench.utils").CifarLoader(
-                    "cifar10", train=True, batch_size=1024, aug={"flip": True, "translate": 2}, altflip=True
+                    "cifar10", train=True, batch_size=args.batch_size, aug={"flip": True, "translate": 2}, altflip=True
                 )
-                airbench.train94(loader, epochs=args.epochs, run=seed)
+                widths = {"block1": args.width, "block2": 4 * args.width, "block3": 4 * args.width}
+                make_net = functools.partial(airbench.make_net94, widths=widths)
+                airbench.train94(loader, epochs=args.epochs, tta_level=args.tta_level, make_net=make_net, run=seed)
             final = records[-1]
             runs.append(
                 {
