@@ -48,14 +48,43 @@ def _model_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in variables.items() if k not in _STATE_COLLECTIONS}
 
 
-def _abstract_state(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> dict[str, Any]:
-    """Shapes of the ``perturbations`` and ``intermediates`` of one (1, H, W, C) forward (no compile)."""
-    x = jax.ShapeDtypeStruct((1, *tuple(image_shape)[-3:]), jnp.float32)
+def _signature(variables: Mapping[str, Any]) -> tuple[Any, tuple[tuple[tuple[int, ...], Any], ...]]:
+    """The tree structure and each leaf's (shape, dtype) of the model's own variables: all that an abstract
+    forward depends on (works on arrays and tracers alike)."""
+    leaves, treedef = jax.tree.flatten(_model_variables(variables))
+    return treedef, tuple((tuple(jnp.shape(leaf)), jnp.result_type(leaf)) for leaf in leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_forward_cached(model: nn.Module, signature: tuple[Any, Any], image_shape: tuple[int, ...]) -> Any:
+    treedef, leaves = signature
+    abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
 
     def forward(v: dict[str, Any], images: jax.Array) -> Any:
         return model.apply(v, images, train=False, mutable=list(_STATE_COLLECTIONS))
 
-    _, state = jax.eval_shape(forward, _model_variables(variables), x)
+    return jax.eval_shape(forward, abstract, x)
+
+
+def _abstract_forward(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> Any:
+    """(logits, state) as shapes of one eval-mode (1, H, W, C) forward with the state collections mutable.
+
+    ``jax.eval_shape`` traces the whole model in Python (tens of milliseconds for a ResNet18, more than a
+    small batch's Grad-CAM takes to run), so the result is cached per (model, variables' structure and
+    shapes, image shape); a model that cannot be hashed is traced every time."""
+    signature = _signature(variables)
+    shape = tuple(int(d) for d in tuple(image_shape)[-3:])
+    try:
+        hash((model, signature))
+    except TypeError:
+        return _abstract_forward_cached.__wrapped__(model, signature, shape)
+    return _abstract_forward_cached(model, signature, shape)
+
+
+def _abstract_state(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> dict[str, Any]:
+    """Shapes of the ``perturbations`` and ``intermediates`` of one (1, H, W, C) forward (no compile; cached)."""
+    _, state = _abstract_forward(model, variables, image_shape)
     return dict(state)
 
 
@@ -195,9 +224,8 @@ def _input_channels(variables: Mapping[str, Any]) -> int | None:
 
 
 def _num_classes(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> int:
-    """The number of logits of one forward (``jax.eval_shape``: nothing runs)."""
-    x = jax.ShapeDtypeStruct((1, *tuple(image_shape)[-3:]), jnp.float32)
-    logits = jax.eval_shape(lambda v, im: model.apply(v, im, train=False), _model_variables(variables), x)
+    """The number of logits of one forward (``jax.eval_shape``, cached: nothing runs)."""
+    logits, _ = _abstract_forward(model, variables, image_shape)
     return int(logits.shape[-1])
 
 
