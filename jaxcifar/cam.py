@@ -168,9 +168,10 @@ def _forward(
     return logits, state["intermediates"][layer][0]
 
 
-def _zero_perturbations(model: nn.Module, variables: dict[str, Any], images: jax.Array) -> Any:
-    """Zeros of the model's ``perturbations`` collection for this batch."""
-    shapes = gradcam._abstract_state(model, variables, images.shape)["perturbations"]
+def _zero_perturbations(model: nn.Module, variables: dict[str, Any], images: jax.Array, interceptor: Any = None) -> Any:
+    """Zeros of the model's ``perturbations`` collection for this batch (of the model run under
+    ``interceptor``, a ``nn.intercept_methods`` function, when given)."""
+    shapes = gradcam._abstract_state(model, variables, images.shape, interceptor)["perturbations"]
     return jax.tree.map(lambda s: jnp.zeros((images.shape[0], *s.shape[1:]), s.dtype), shapes)
 
 
@@ -313,8 +314,8 @@ def _fullgrad_maps(
     ``eigen_smooth``, as there: the input's 3 maps and each layer's map (min-max scaled) are resized to
     1/8 of the image, replaced by their first principal component (``eigen_projection``), and that is
     scaled back up (no ReLU)."""
+    zeros = _zero_perturbations(model, variables, images, _fullgrad_interceptor)
     with nn.intercept_methods(_fullgrad_interceptor):
-        zeros = _zero_perturbations(model, variables, images)
 
         def score(perturbations: Any, x: jax.Array) -> tuple[jax.Array, Any]:
             logits, state = model.apply(

@@ -26,6 +26,7 @@ image); ``overlay`` here keeps the plain convex blend, so the image is not resca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,7 +57,9 @@ def _signature(variables: Mapping[str, Any]) -> tuple[Any, tuple[tuple[tuple[int
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract_forward_cached(model: nn.Module, signature: tuple[Any, Any], image_shape: tuple[int, ...]) -> Any:
+def _abstract_forward_cached(
+    model: nn.Module, signature: tuple[Any, Any], image_shape: tuple[int, ...], interceptor: Any = None
+) -> Any:
     treedef, leaves = signature
     abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
@@ -64,27 +67,35 @@ def _abstract_forward_cached(model: nn.Module, signature: tuple[Any, Any], image
     def forward(v: dict[str, Any], images: jax.Array) -> Any:
         return model.apply(v, images, train=False, mutable=list(_STATE_COLLECTIONS))
 
-    return jax.eval_shape(forward, abstract, x)
+    with nn.intercept_methods(interceptor) if interceptor is not None else contextlib.nullcontext():
+        return jax.eval_shape(forward, abstract, x)
 
 
-def _abstract_forward(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> Any:
-    """(logits, state) as shapes of one eval-mode (1, H, W, C) forward with the state collections mutable.
+def _abstract_forward(
+    model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int], interceptor: Any = None
+) -> Any:
+    """(logits, state) as shapes of one eval-mode (1, H, W, C) forward with the state collections mutable,
+    run under ``interceptor`` (a ``nn.intercept_methods`` function) when given.
 
     ``jax.eval_shape`` traces the whole model in Python (tens of milliseconds for a ResNet18, more than a
     small batch's Grad-CAM takes to run), so the result is cached per (model, variables' structure and
-    shapes, image shape); a model that cannot be hashed is traced every time."""
+    shapes, image shape, interceptor); a model that cannot be hashed is traced every time. An interceptor
+    must be passed here, not set around the call: the cache does not see the ones around it."""
     signature = _signature(variables)
     shape = tuple(int(d) for d in tuple(image_shape)[-3:])
     try:
-        hash((model, signature))
+        hash((model, signature, interceptor))
     except TypeError:
-        return _abstract_forward_cached.__wrapped__(model, signature, shape)
-    return _abstract_forward_cached(model, signature, shape)
+        return _abstract_forward_cached.__wrapped__(model, signature, shape, interceptor)
+    return _abstract_forward_cached(model, signature, shape, interceptor)
 
 
-def _abstract_state(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> dict[str, Any]:
-    """Shapes of the ``perturbations`` and ``intermediates`` of one (1, H, W, C) forward (no compile; cached)."""
-    _, state = _abstract_forward(model, variables, image_shape)
+def _abstract_state(
+    model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int], interceptor: Any = None
+) -> dict[str, Any]:
+    """Shapes of the ``perturbations`` and ``intermediates`` of one (1, H, W, C) forward (no compile; cached;
+    ``interceptor`` as in ``_abstract_forward``)."""
+    _, state = _abstract_forward(model, variables, image_shape, interceptor)
     return dict(state)
 
 

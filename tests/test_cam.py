@@ -134,6 +134,18 @@ def test_a_repeated_call_runs_no_model_code(tiny):
     chex.assert_trees_all_equal(again, first)
 
 
+def test_cached_perturbation_shapes_keep_fullgrad_apart(tiny):
+    """The cached abstract forward is keyed by its interceptor: FullGrad's perturbations (one per
+    BatchNorm) after the plain ones (one per stage) of the same model, and the plain ones again after."""
+    model, variables, images = tiny
+    plain = cam._zero_perturbations(model, variables, images)
+    full = cam._zero_perturbations(model, variables, images, cam._fullgrad_interceptor)
+    assert set(plain) == {"layer1", "layer2", "layer3", "layer4"}
+    leaves = jax.tree_util.tree_leaves_with_path(full)
+    assert sum(str(path[-1].key) == "fullgrad" for path, _ in leaves) == 20  # stem + 2 per block + 3 shortcuts
+    chex.assert_trees_all_equal_shapes(cam._zero_perturbations(model, variables, images), plain)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
