@@ -53,7 +53,10 @@ def _signature(variables: Mapping[str, Any]) -> tuple[Any, tuple[tuple[tuple[int
     """The tree structure and each leaf's (shape, dtype) of the model's own variables: all that an abstract
     forward depends on (works on arrays and tracers alike)."""
     leaves, treedef = jax.tree.flatten(_model_variables(variables))
-    return treedef, tuple((tuple(jnp.shape(leaf)), jnp.result_type(leaf)) for leaf in leaves)
+    return treedef, tuple(
+        (tuple(leaf.shape), leaf.dtype) if hasattr(leaf, "dtype") else (tuple(jnp.shape(leaf)), jnp.result_type(leaf))
+        for leaf in leaves
+    )
 
 
 @functools.lru_cache(maxsize=64)
