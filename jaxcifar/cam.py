@@ -452,6 +452,8 @@ def cam(
     ``eigen_smooth`` as in pytorch-grad-cam (module docstring); ``batch_size`` masked forwards per step
     of ScoreCAM and AblationCAM. Returns float32 (float64 for a float64 model) (B, H, W) maps in [0, 1].
     Usable under ``jax.jit`` (``targets`` may then be traced; their range is not checked).
+    One jitted call per batch, compiled once per (model, layer, method, options, shapes, targets given
+    or not); the checks below are cached too, so a repeated call runs no model code in Python.
     Raises ValueError (one line) for an unknown method or target, bad images or targets, an unknown
     layer, or one smaller than 5x5 unless ``allow_small`` (see ``gradcam.check_layer``).
     """

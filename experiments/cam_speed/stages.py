@@ -30,11 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from run import CLASSES  # run.py in this folder
 
 from jaxcifar import backend, cam, gradcam, interop, models
 from jaxcifar.torch_resnet import make_resnet
-
-from run import CLASSES  # noqa: E402  (same folder)
 
 
 def torch_macs(net: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str, float]:
@@ -44,14 +43,17 @@ def torch_macs(net: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str, f
 
     def hook(name: str):
         def record(module, inputs, output):
-            per_out = module.in_features if isinstance(module, torch.nn.Linear) else (
-                module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            per_out = (
+                module.in_features
+                if isinstance(module, torch.nn.Linear)
+                else (module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1])
             )
             macs[name] = output[0].numel() * per_out
 
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
     with torch.no_grad():
         net(x[:1])
     for h in handles:
@@ -85,7 +87,8 @@ def main() -> None:
         .lower(variables, images, target_array)
         .compile()
     )
-    forward = jax.jit(lambda v, im: model.apply(v, im, train=False), compiler_options=options).lower(variables, images).compile()
+    forward = jax.jit(lambda v, im: model.apply(v, im, train=False), compiler_options=options)
+    forward = forward.lower(variables, images).compile()
 
     def flops(executable) -> float:
         analysis = executable.cost_analysis()
@@ -104,7 +107,9 @@ def main() -> None:
             explainer(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
 
     stages = {
-        "jax cam()": lambda: cam.cam(model, variables, images, args.layer, args.method, targets=targets).block_until_ready(),
+        "jax cam()": lambda: cam.cam(
+            model, variables, images, args.layer, args.method, targets=targets
+        ).block_until_ready(),
         "jax compiled": lambda: compiled(variables, images, target_array).block_until_ready(),
         "jax forward": lambda: forward(variables, images).block_until_ready(),
         "torch pytorch-grad-cam": theirs,
@@ -134,8 +139,10 @@ def main() -> None:
         "times_s": times,
     }
     print(f"width {args.width}, 64 images, {args.layer}, {args.method}; load {load_before} -> {record['load_after']}")
-    print(f"torch forward MMAC/image {macs['all'] / 1e6:.1f} (stem {macs['stem'] / 1e6:.2f}, after {args.layer} "
-          f"{macs['after_layer'] / 1e6:.1f}); XLA: forward {flops(forward) / 1e6:.1f}, cam {flops(compiled) / 1e6:.1f}")
+    print(
+        f"torch forward MMAC/image {macs['all'] / 1e6:.1f} (stem {macs['stem'] / 1e6:.2f}, after {args.layer} "
+        f"{macs['after_layer'] / 1e6:.1f}); XLA: forward {flops(forward) / 1e6:.1f}, cam {flops(compiled) / 1e6:.1f}"
+    )
     for name, values in times.items():
         print(f"{name:24s} {statistics.median(values) * 1e3:9.1f} ms  (min {min(values) * 1e3:.1f})")
     print(json.dumps(record))
