@@ -168,9 +168,10 @@ def _forward(
     return logits, state["intermediates"][layer][0]
 
 
-def _zero_perturbations(model: nn.Module, variables: dict[str, Any], images: jax.Array) -> Any:
-    """Zeros of the model's ``perturbations`` collection for this batch."""
-    shapes = gradcam._abstract_state(model, variables, images.shape)["perturbations"]
+def _zero_perturbations(model: nn.Module, variables: dict[str, Any], images: jax.Array, interceptor: Any = None) -> Any:
+    """Zeros of the model's ``perturbations`` collection for this batch (of the model run under
+    ``interceptor``, a ``nn.intercept_methods`` function, when given)."""
+    shapes = gradcam._abstract_state(model, variables, images.shape, interceptor)["perturbations"]
     return jax.tree.map(lambda s: jnp.zeros((images.shape[0], *s.shape[1:]), s.dtype), shapes)
 
 
@@ -313,8 +314,8 @@ def _fullgrad_maps(
     ``eigen_smooth``, as there: the input's 3 maps and each layer's map (min-max scaled) are resized to
     1/8 of the image, replaced by their first principal component (``eigen_projection``), and that is
     scaled back up (no ReLU)."""
+    zeros = _zero_perturbations(model, variables, images, _fullgrad_interceptor)
     with nn.intercept_methods(_fullgrad_interceptor):
-        zeros = _zero_perturbations(model, variables, images)
 
         def score(perturbations: Any, x: jax.Array) -> tuple[jax.Array, Any]:
             logits, state = model.apply(
@@ -451,6 +452,8 @@ def cam(
     ``eigen_smooth`` as in pytorch-grad-cam (module docstring); ``batch_size`` masked forwards per step
     of ScoreCAM and AblationCAM. Returns float32 (float64 for a float64 model) (B, H, W) maps in [0, 1].
     Usable under ``jax.jit`` (``targets`` may then be traced; their range is not checked).
+    One jitted call per batch, compiled once per (model, layer, method, options, shapes, targets given
+    or not); the checks below are cached too, so a repeated call runs no model code in Python.
     Raises ValueError (one line) for an unknown method or target, bad images or targets, an unknown
     layer, or one smaller than 5x5 unless ``allow_small`` (see ``gradcam.check_layer``).
     """

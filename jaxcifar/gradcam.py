@@ -26,6 +26,7 @@ image); ``overlay`` here keeps the plain convex blend, so the image is not resca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,14 +49,56 @@ def _model_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in variables.items() if k not in _STATE_COLLECTIONS}
 
 
-def _abstract_state(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> dict[str, Any]:
-    """Shapes of the ``perturbations`` and ``intermediates`` of one (1, H, W, C) forward (no compile)."""
-    x = jax.ShapeDtypeStruct((1, *tuple(image_shape)[-3:]), jnp.float32)
+def _signature(variables: Mapping[str, Any]) -> tuple[Any, tuple[tuple[tuple[int, ...], Any], ...]]:
+    """The tree structure and each leaf's (shape, dtype) of the model's own variables: all that an abstract
+    forward depends on (works on arrays and tracers alike)."""
+    leaves, treedef = jax.tree.flatten(_model_variables(variables))
+    return treedef, tuple(
+        (tuple(leaf.shape), leaf.dtype) if hasattr(leaf, "dtype") else (tuple(jnp.shape(leaf)), jnp.result_type(leaf))
+        for leaf in leaves
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_forward_cached(
+    model: nn.Module, signature: tuple[Any, Any], image_shape: tuple[int, ...], interceptor: Any = None
+) -> Any:
+    treedef, leaves = signature
+    abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
 
     def forward(v: dict[str, Any], images: jax.Array) -> Any:
         return model.apply(v, images, train=False, mutable=list(_STATE_COLLECTIONS))
 
-    _, state = jax.eval_shape(forward, _model_variables(variables), x)
+    with nn.intercept_methods(interceptor) if interceptor is not None else contextlib.nullcontext():
+        return jax.eval_shape(forward, abstract, x)
+
+
+def _abstract_forward(
+    model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int], interceptor: Any = None
+) -> Any:
+    """(logits, state) as shapes of one eval-mode (1, H, W, C) forward with the state collections mutable,
+    run under ``interceptor`` (a ``nn.intercept_methods`` function) when given.
+
+    ``jax.eval_shape`` traces the whole model in Python (tens of milliseconds for a ResNet18, more than a
+    small batch's Grad-CAM takes to run), so the result is cached per (model, variables' structure and
+    shapes, image shape, interceptor); a model that cannot be hashed is traced every time. An interceptor
+    must be passed here, not set around the call: the cache does not see the ones around it."""
+    signature = _signature(variables)
+    shape = tuple(int(d) for d in tuple(image_shape)[-3:])
+    try:
+        hash((model, signature, interceptor))
+    except TypeError:
+        return _abstract_forward_cached.__wrapped__(model, signature, shape, interceptor)
+    return _abstract_forward_cached(model, signature, shape, interceptor)
+
+
+def _abstract_state(
+    model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int], interceptor: Any = None
+) -> dict[str, Any]:
+    """Shapes of the ``perturbations`` and ``intermediates`` of one (1, H, W, C) forward (no compile; cached;
+    ``interceptor`` as in ``_abstract_forward``)."""
+    _, state = _abstract_forward(model, variables, image_shape, interceptor)
     return dict(state)
 
 
@@ -195,9 +238,8 @@ def _input_channels(variables: Mapping[str, Any]) -> int | None:
 
 
 def _num_classes(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]) -> int:
-    """The number of logits of one forward (``jax.eval_shape``: nothing runs)."""
-    x = jax.ShapeDtypeStruct((1, *tuple(image_shape)[-3:]), jnp.float32)
-    logits = jax.eval_shape(lambda v, im: model.apply(v, im, train=False), _model_variables(variables), x)
+    """The number of logits of one forward (``jax.eval_shape``, cached: nothing runs)."""
+    logits, _ = _abstract_forward(model, variables, image_shape)
     return int(logits.shape[-1])
 
 

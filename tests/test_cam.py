@@ -6,6 +6,7 @@ tests/test_cam_torch.py."""
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +115,35 @@ def test_cam_runs_under_jit_with_traced_targets(tiny):
     chex.assert_shape(jitted, (3, 32, 32))
     chex.assert_trees_all_close(jitted, eager, atol=1e-5)
     assert float(jitted.max()) > 0.99
+
+
+def test_a_repeated_call_runs_no_model_code(tiny):
+    """The second call on the same model, shapes and options neither traces the model (the shape checks
+    are cached) nor compiles again: not one Linen module method runs."""
+    model, variables, images = tiny
+    first = cam.cam(model, variables, images, "layer3", "gradcam++", targets=[1, 2, 3])
+    calls = []
+
+    def count(next_fun, args, kwargs, context):
+        calls.append(f"{type(context.module).__name__}.{context.method_name}")
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(count):
+        again = cam.cam(model, dict(variables), images, "layer3", "gradcam++", targets=[1, 2, 3])
+    assert calls == []
+    chex.assert_trees_all_equal(again, first)
+
+
+def test_cached_perturbation_shapes_keep_fullgrad_apart(tiny):
+    """The cached abstract forward is keyed by its interceptor: FullGrad's perturbations (one per
+    BatchNorm) after the plain ones (one per stage) of the same model, and the plain ones again after."""
+    model, variables, images = tiny
+    plain = cam._zero_perturbations(model, variables, images)
+    full = cam._zero_perturbations(model, variables, images, cam._fullgrad_interceptor)
+    assert set(plain) == {"layer1", "layer2", "layer3", "layer4"}
+    leaves = jax.tree_util.tree_leaves_with_path(full)
+    assert sum(str(path[-1].key) == "fullgrad" for path, _ in leaves) == 20  # stem + 2 per block + 3 shortcuts
+    chex.assert_trees_all_equal_shapes(cam._zero_perturbations(model, variables, images), plain)
 
 
 @pytest.mark.parametrize(
