@@ -4,16 +4,17 @@
         [--variants baseline trivialaugment ...] [--seeds 0 1 2]
 
 Every run is ``jaxcifar.fit`` on ``config.json`` beside this file (ResNet18 width 16, 5,000 stratified training
-and 5,000 stratified test images, 4 epochs, batch 128, SGD + Nesterov, OneCycle to 0.1) with the variant's fields replaced,
-into ``RUNS_DIR/VARIANT/seedN`` (``resume=True``: an interrupted run continues, a finished one is only read back;
-a run of the CLI with the same config and workdir counts as done). The dataset is loaded once (its subsets drawn
-with seed 0), so every run sees the same images and the seeds vary the initialization, the batch order and the
-augmentation draws. Each run's accuracy is its last epoch's test accuracy (the final state; the EMA weights' for
-EMA variants, with the raw weights' beside it), and its final state is evaluated again with ``jaxcifar.evaluate``
-and ``tta="flip"`` (TTA costs no training: every run gives both numbers). Several copies may run at once (e.g.
-one with ``--reverse``): a run whose workdir another copy holds is skipped by this one. Each run's record goes to ``RUNS_DIR/VARIANT/seedN.json``; after every run
-``results.json`` (all records, and per variant the mean and std over seeds and the difference to the baseline,
-unpaired and paired by seed) and ``summary.md`` (the table) beside this file are rewritten from the records found.
+and 5,000 stratified test images, 4 epochs, batch 128, SGD + Nesterov, OneCycle to 0.1) with the variant's
+fields replaced, into ``RUNS_DIR/VARIANT/seedN`` (``resume=True``: an interrupted run continues, a finished one
+is only read back; a run of the CLI with the same config and workdir counts as done). The dataset is loaded once
+(its subsets drawn with seed 0), so every run sees the same images and the seeds vary the initialization, the
+batch order and the augmentation draws. A run's accuracy is its last epoch's test accuracy (the final state; the
+EMA weights' for EMA variants, the raw weights' beside it); its final state is evaluated again with
+``jaxcifar.evaluate(..., tta="flip")`` (TTA costs no training: every run gives both numbers). Several copies may
+run at once (e.g. one with ``--reverse``): a run whose workdir another copy holds is skipped by this one. Each
+run's record goes to ``RUNS_DIR/VARIANT/seedN.json``; after every run ``results.json`` (all records; per variant
+the mean and std over seeds and the difference to the baseline, of the means and paired by seed) and
+``summary.md`` (the table) beside this file are rewritten from the records found.
 """
 
 from __future__ import annotations
