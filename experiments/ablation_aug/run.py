@@ -86,6 +86,8 @@ def summarize(records: list[dict]) -> dict[str, dict]:
             accs = {s: runs[s][key] for s in sorted(runs)}
             row: dict[str, Any] = {"seeds": list(accs), "acc": [round(a, 2) for a in accs.values()]}
             row.update(mean_std(list(accs.values())))
+            if suffix:  # what flip TTA adds to the same runs
+                row["tta_gain"] = mean_std([runs[s]["acc_tta_flip"] - runs[s]["acc"] for s in accs])
             if base:
                 row["diff_to_baseline"] = round(statistics.mean(accs.values()) - statistics.mean(base.values()), 2)
                 paired = [accs[s] - base[s] for s in accs if s in base]
@@ -95,22 +97,27 @@ def summarize(records: list[dict]) -> dict[str, dict]:
     return rows
 
 
+def signed(stats: dict | None) -> str:
+    """``+m ± s`` of a ``mean_std`` result (empty for None)."""
+    if stats is None:
+        return ""
+    return f"{stats['mean']:+.2f} ± " + ("n/a" if stats["std"] is None else f"{stats['std']:.2f}")
+
+
 def table(rows: dict[str, dict]) -> str:
     """The markdown table of ``rows`` (``summarize``)."""
     lines = [
-        "| variant | test acc per seed (%) | mean ± std (%) | diff to baseline (means) | paired diff ± std |",
-        "|---|---|---|---|---|",
+        "| variant | test acc per seed (%) | mean ± std (%) | diff to baseline (means) | paired diff ± std "
+        "| TTA gain ± std |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         std = "n/a" if row["std"] is None else f"{row['std']:.2f}"
-        paired = row.get("paired_diff")
-        paired_text = (
-            "" if paired is None else f"{paired['mean']:+.2f} ± {paired['std'] if paired['std'] is not None else 'n/a'}"
-        )
         diff = row.get("diff_to_baseline")
         lines.append(
             f"| {name} | {' / '.join(f'{a:.2f}' for a in row['acc'])} | {row['mean']:.2f} ± {std} | "
-            f"{'' if diff is None else f'{diff:+.2f}'} | {paired_text} |"
+            f"{'' if diff is None else f'{diff:+.2f}'} | {signed(row.get('paired_diff'))} "
+            f"| {signed(row.get('tta_gain'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -133,7 +140,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:5], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--reverse", action="store_true", help="make the runs in the reverse order")
+    parser.add_argument("--summary-only", action="store_true", help="only rewrite results.json and summary.md")
     args = parser.parse_args()
+    if args.summary_only:
+        write_results(args.runs_dir, args.config)
+        print((HERE / "summary.md").read_text())
+        return
     base = jaxcifar.Config.load(args.config).replace(data_dir=args.data_dir)
     dataset = jaxcifar.load_dataset(base)  # once, subsets drawn with the config's seed (0)
     order = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: a cut sweep has every variant
