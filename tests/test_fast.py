@@ -3,6 +3,8 @@ decoupled weight decay, linear one-cycle, alternating flip, reflect translation,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -286,14 +288,20 @@ def test_lookahead_by_hand():
     assert float(state.lookahead["batch_stats"]["m"]) == pytest.approx(0.5 * (1 / 16 * 0 + 15 / 16 * 2) + 0.5 * 4)
 
 
-@pytest.mark.parametrize("preset", ["airbench94", "resnet9_24ep"])
-def test_presets_parse_as_the_cli_reads_them_and_flags_override(preset):
-    from pathlib import Path
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+PRESETS = sorted(path.parent.name for path in EXPERIMENTS.glob("*/config.json"))
 
+
+def test_the_named_presets_are_among_those_parsed():
+    assert {"airbench94", "resnet9_24ep", "resnet18_onecycle_20ep", "resnet18_best"} <= set(PRESETS), PRESETS
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_parse_as_the_cli_reads_them_and_flags_override(preset):
     from jaxcifar import cli
     from jaxcifar.train import build_parser
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / preset / "config.json"
+    path = EXPERIMENTS / preset / "config.json"
     config = cli.parse_config(build_parser(), ["--config", str(path), "--epochs", "2"])
     assert config == Config.load(path).replace(epochs=2)
 

@@ -4,11 +4,11 @@
 # comparison on CUDA, and the notebook in full mode. Nothing here has run on a GPU yet; GPU_CHECK_SMOKE=1
 # runs every step on this CPU with tiny settings (how the script itself was checked).
 #
-#   bash experiments/gpu_check/run.sh STEP...   # steps: runs float16 bench notebook (default: all of them)
+#   bash experiments/gpu_check/run.sh STEP...   # steps: runs float16 bench notebook preset (default: the first four)
 #
 # Environment: OUT (where everything goes; default /tmp/gpu_check), DATA_ARCHIVE (the shared
 # cifar10-jpeg.tar.gz; default ../shared/data/cifar10-jpeg.tar.gz, on the device machine a carried copy,
-# e.g. .gpu/cifar10-jpeg.tar.gz), WHEELS (a folder of wheels for what the device image lacks: tensorboardX,
+# e.g. .gpu/cifar10-jpeg.tar.gz), PRESET_SEEDS (the seeds of the `preset` step; default 0 1 2 3 4), WHEELS (a folder of wheels for what the device image lacks: tensorboardX,
 # tensorflow-datasets' pure-Python deps, nbclient, ...; installed with --no-deps into /tmp/site).
 # Each step has its own `timeout`, so one that hangs costs its budget only. Writes OUT/summary.txt.
 set -uo pipefail
@@ -45,7 +45,7 @@ config=experiments/resnet18_onecycle_20ep/config.json
 small=()
 [[ "$SMOKE" == 1 ]] && small=(--width 8 --epochs 1 --batch-size 100 --train-subset 1000 --test-subset 500 --lr 0.05)
 
-train() {  # NAME SECONDS FLAGS...: one run of the assignment config into OUT/NAME; its last lines into the summary
+train() {  # NAME SECONDS FLAGS...: one run of $config (the assignment's unless a step sets it) into OUT/NAME; its last lines into the summary
     local name="$1" limit="$2"
     shift 2
     local started=$SECONDS
@@ -96,7 +96,13 @@ print(f"notebook executed in {time.monotonic() - started:.1f} s")
 EOF
             echo "== notebook (exit $?)" | tee -a "$OUT/summary.txt"
             ;;
-        *) echo "unknown step $step (runs, float16, bench, notebook)" >&2; exit 2 ;;
+        preset)  # the best-accuracy preset (../resnet18_best): 5 seeds, goal >= 91.5 % mean; its own device call
+            (
+                config=experiments/resnet18_best/config.json
+                for seed in ${PRESET_SEEDS:-0 1 2 3 4}; do train "best_s$seed" 110 --seed "$seed"; done
+            )
+            ;;
+        *) echo "unknown step $step (runs, float16, bench, notebook, preset)" >&2; exit 2 ;;
     esac
 done
 rm -rf "$OUT/cache" "$OUT"/*/checkpoints "$OUT"/*/best  # what comes back stays small
