@@ -335,15 +335,57 @@ def flops(batch: int, out_hw: Sequence[int], window: Sequence[int], c_in: int, c
 def max_pool(x: jax.Array, size: int) -> jax.Array:
     """Returns the ``size x size`` max-pool, stride ``size``, no padding, of NHWC ``x`` (B, H, W, C):
     (B, H // size, W // size, C), the trailing rows and columns that fill no window dropped, as
-    ``flax.linen.max_pool(x, (size, size), strides=(size, size))``.
+    ``flax.linen.max_pool(x, (size, size), strides=(size, size))``, with the same gradient: each window's
+    cotangent goes to one element, its first maximum in row-major order (flax's and PyTorch's rule on ties).
 
-    Computed as a max over a reshape, so that its gradient is elementwise (compare, select, divide) instead of
-    XLA:CPU's select-and-scatter, which it expands to a reduce-window over index pairs plus a scatter and which
-    took ~40 % of an airbench train step's XLA op time, ~10 % of its wall time (experiments/cpu_speed_airbench).
-    The gradient differs from ``flax.linen.max_pool``'s only where a window holds several equal maxima: it is
-    split among them (``jnp.max``'s rule) instead of given to one.
+    The forward is a max over a reshape, ``(B, Ho, size, Wo, size, C)`` reduced over the window axes; in a
+    train step it is one variadic reduction that also returns each window's arg-max, kept as the VJP's
+    residual, and the backward is elementwise: the cotangent, broadcast over the window, where the window
+    position equals the arg-max, 0 elsewhere. That replaces XLA:CPU's select-and-scatter (which it expands
+    to a reduce-window over index pairs plus a scatter: ~40 % of an airbench train step's XLA op time) and
+    never divides: ``jnp.max``'s own gradient, ``g * (x == max) / count(x == max)``, turned nan when XLA
+    recomputed ``x`` for the comparison with a rounding different from the forward's (experiments/cpu_speed_airbench).
     """
+    return _max_pool(x, int(size))
+
+
+def _windows(x: jax.Array, size: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H // size, size, W // size, size, C): the pooling windows, trailing rows/columns dropped."""
     b, h, w, c = x.shape
     ho, wo = h // size, w // size
-    x = x[:, : ho * size, : wo * size, :].reshape(b, ho, size, wo, size, c)
-    return jnp.max(x, axis=(2, 4))
+    return x[:, : ho * size, : wo * size, :].reshape(b, ho, size, wo, size, c)
+
+
+def _window_positions(shape: Sequence[int]) -> jax.Array:
+    """int32 array of ``shape`` (B, Ho, size, Wo, size, C): each element's row-major position in its window."""
+    return lax.broadcasted_iota(jnp.int32, shape, 2) * shape[4] + lax.broadcasted_iota(jnp.int32, shape, 4)
+
+
+def _first_max(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (a_value, a_pos), (b_value, b_pos) = a, b
+    take_a = (a_value > b_value) | ((a_value == b_value) & (a_pos < b_pos))
+    return lax.select(take_a, a_value, b_value), lax.select(take_a, a_pos, b_pos)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, size: int) -> jax.Array:
+    return jnp.max(_windows(x, size), axis=(2, 4))
+
+
+def _max_pool_fwd(x: jax.Array, size: int) -> tuple[jax.Array, Any]:
+    windows = _windows(x, size)
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, jnp.int32))
+    pooled, argmax = lax.reduce((windows, _window_positions(windows.shape)), init, _first_max, (2, 4))
+    return pooled, (argmax, x.shape)
+
+
+def _max_pool_bwd(size: int, residuals: Any, g: jax.Array) -> tuple[jax.Array]:
+    argmax, (b, h, w, c) = residuals
+    _, ho, wo, _ = g.shape
+    shape = (b, ho, size, wo, size, c)
+    hit = _window_positions(shape) == argmax[:, :, None, :, None, :]
+    dx = jnp.where(hit, g[:, :, None, :, None, :], jnp.zeros((), g.dtype)).reshape(b, ho * size, wo * size, c)
+    return (jnp.pad(dx, ((0, 0), (0, h - ho * size), (0, w - wo * size), (0, 0))),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
