@@ -339,8 +339,8 @@ def max_pool(x: jax.Array, size: int) -> jax.Array:
     cotangent goes to one element, its first maximum in row-major order (flax's and PyTorch's rule on ties).
 
     The forward is a max over a reshape, ``(B, Ho, size, Wo, size, C)`` reduced over the window axes; in a
-    train step it is one variadic reduction that also returns each window's arg-max, kept as the VJP's
-    residual, and the backward is elementwise: the cotangent, broadcast over the window, where the window
+    train step a running max over the window positions that also returns each window's arg-max, kept as
+    the VJP's residual, and the backward is elementwise: the cotangent, broadcast over the window, where the window
     position equals the arg-max, 0 elsewhere. That replaces XLA:CPU's select-and-scatter (which it expands
     to a reduce-window over index pairs plus a scatter: ~40 % of an airbench train step's XLA op time) and
     never divides: ``jnp.max``'s own gradient, ``g * (x == max) / count(x == max)``, turned nan when XLA
@@ -361,21 +361,26 @@ def _window_positions(shape: Sequence[int]) -> jax.Array:
     return lax.broadcasted_iota(jnp.int32, shape, 2) * shape[4] + lax.broadcasted_iota(jnp.int32, shape, 4)
 
 
-def _first_max(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    (a_value, a_pos), (b_value, b_pos) = a, b
-    take_a = (a_value > b_value) | ((a_value == b_value) & (a_pos < b_pos))
-    return lax.select(take_a, a_value, b_value), lax.select(take_a, a_pos, b_pos)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool(x: jax.Array, size: int) -> jax.Array:
     return jnp.max(_windows(x, size), axis=(2, 4))
 
 
 def _max_pool_fwd(x: jax.Array, size: int) -> tuple[jax.Array, Any]:
+    # A running max over the size * size window positions, each an elementwise pass over (B, Ho, Wo, C)
+    # (one loop fusion, vectorized along C; a variadic reduction over the window axes ran ~1.3x slower).
+    # Strictly greater keeps the first maximum; a nan wins and stays, as in jnp.max.
     windows = _windows(x, size)
-    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, jnp.int32))
-    pooled, argmax = lax.reduce((windows, _window_positions(windows.shape)), init, _first_max, (2, 4))
+    pooled = windows[:, :, 0, :, 0, :]
+    argmax = jnp.zeros(pooled.shape, jnp.int32)
+    for i in range(size):
+        for j in range(size):
+            if i == j == 0:
+                continue
+            value = windows[:, :, i, :, j, :]
+            take = (value > pooled) | jnp.isnan(value)
+            pooled = jnp.where(take, value, pooled)
+            argmax = jnp.where(take, i * size + j, argmax)
     return pooled, (argmax, x.shape)
 
 

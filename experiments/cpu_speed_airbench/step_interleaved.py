@@ -27,7 +27,8 @@ import numpy as np
 import optax
 
 from jaxcifar import backend, models, optim, steps, torch_fast
-from jaxcifar.bench import CROP_PADDING, random_batch, torch_crop_flip
+from jaxcifar.measure import random_batch
+from jaxcifar.torch_bench import CROP_PADDING, torch_crop_flip
 from jaxcifar.config import Config
 from jaxcifar.data import NORMALIZATION
 from jaxcifar.state import create_train_state
