@@ -177,6 +177,17 @@ def test_backend_chooses_the_convolution_per_platform(impl, devices, expected):
     assert build_model(Config(width=4, conv_impl=impl), devices).conv_general_dilated == expected
 
 
+@pytest.mark.parametrize("model", ["airbench", "resnet9"])
+def test_auto_keeps_xla_gradients_for_the_fast_models(model):
+    """On one CPU device "auto" gives airbench and resnet9 XLA's own gradients everywhere (their batch-512 train
+    step measured faster so) and ResNet18 the per-shape custom gradients; "matmul" still forces the custom VJP."""
+    assert backend.conv_general_dilated("auto", [CPU], model) is lax.conv_general_dilated
+    assert backend.describe_conv("auto", [CPU], model) == "auto: lax"
+    assert build_model(Config(model=model, width=4), [CPU]).conv_general_dilated is lax.conv_general_dilated
+    assert build_model(Config(model=model, width=4, conv_impl="matmul"), [CPU]).conv_general_dilated == CustomGradConv()
+    assert build_model(Config(model="resnet18", width=4), [CPU]).conv_general_dilated == AUTO
+
+
 def test_backend_defaults_to_this_process_devices_and_rejects_unknown_impls():
     assert backend.conv_general_dilated() == backend.conv_general_dilated("auto", jax.devices())
     with pytest.raises(ValueError, match=r"'cudnn'.*auto, lax, matmul"):

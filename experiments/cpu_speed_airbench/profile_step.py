@@ -18,9 +18,9 @@ import jax
 import optax
 
 from jaxcifar import backend, models, optim, steps
-from jaxcifar.measure import random_batch
 from jaxcifar.config import Config
 from jaxcifar.data import NORMALIZATION
+from jaxcifar.measure import random_batch
 from jaxcifar.state import create_train_state
 
 
