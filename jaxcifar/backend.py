@@ -1,9 +1,9 @@
 """Per-platform compile and execution policy: the one place that asks which devices a run has.
 
-- ``conv_general_dilated(impl, devices)``: the convolution primitive handed to the model
+- ``conv_general_dilated(impl, devices, model)``: the convolution primitive handed to the model
   (``Config.conv_impl``): ``"lax"`` (XLA's convolution and gradients), ``"matmul"`` (the custom VJP of
   ``jaxcifar.models.conv`` everywhere), ``"auto"`` (the custom VJP where it was measured faster on one
-  CPU device; XLA's own on GPU, TPU and several devices).
+  CPU device, except for the models of ``AUTO_LAX_MODELS``; XLA's own on GPU, TPU and several devices).
 - ``compiler_options()``: XLA flags for functions that run a model (on CPU, convolutions go to XLA's
   Eigen kernels instead of YNNPACK); ``lazy_jit`` applies them to module-level functions.
 - ``eval_chunk(devices)``: eval-mode forwards on one CPU device run in chunks.
@@ -42,6 +42,10 @@ XLA_CPU_CONVOLUTIONS = ("eigen", "ynnpack")
 AUTO_MIN_FLOPS = 2.5e8
 AUTO_MIN_OUT_PIXELS = 8 * 8
 
+# "auto" keeps XLA's own gradients for every convolution of these models: their whole train step at batch
+# 512 ran faster with "lax" than with the per-shape routing above (experiments/cpu_speed_airbench).
+AUTO_LAX_MODELS = frozenset({"airbench", "resnet9"})
+
 # Eval-mode forwards on one CPU device run over chunks of at most this many images (``jax.lax.map``).
 CPU_EVAL_CHUNK = 128
 
@@ -56,13 +60,16 @@ def is_single_cpu(devices: Sequence[Any] | None = None) -> bool:
     return len(devices) == 1 and devices[0].platform == "cpu"
 
 
-def conv_general_dilated(impl: str = "auto", devices: Sequence[Any] | None = None) -> Callable[..., Any]:
+def conv_general_dilated(
+    impl: str = "auto", devices: Sequence[Any] | None = None, model: str | None = None
+) -> Callable[..., Any]:
     """Returns the convolution primitive (``lax.conv_general_dilated``'s signature) for ``impl`` on
-    ``devices`` (default: ``jax.devices()``), to pass to the model. Raises ValueError for an unknown ``impl``."""
+    ``devices`` (default: ``jax.devices()``), to pass to the model named ``model`` (None: any model).
+    Raises ValueError for an unknown ``impl``."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv implementation {impl!r}; expected one of: {', '.join(CONV_IMPLS)}")
     devices = _devices(devices)
-    if impl == "lax" or (impl == "auto" and not is_single_cpu(devices)):
+    if impl == "lax" or (impl == "auto" and (not is_single_cpu(devices) or model in AUTO_LAX_MODELS)):
         return lax.conv_general_dilated
     # With several devices the batch may be sharded: one weight-gradient matmul, no loop of collectives.
     block_bytes = PATCH_BLOCK_BYTES if len(devices) == 1 else None
@@ -71,9 +78,9 @@ def conv_general_dilated(impl: str = "auto", devices: Sequence[Any] | None = Non
     return CustomGradConv(min_flops=AUTO_MIN_FLOPS, min_out_pixels=AUTO_MIN_OUT_PIXELS, block_bytes=block_bytes)
 
 
-def describe_conv(impl: str = "auto", devices: Sequence[Any] | None = None) -> str:
-    """Returns what ``impl`` runs on ``devices``: ``"lax"``, ``"matmul"``, or ``"auto: ..."`` in words."""
-    chosen = conv_general_dilated(impl, devices)
+def describe_conv(impl: str = "auto", devices: Sequence[Any] | None = None, model: str | None = None) -> str:
+    """Returns what ``impl`` runs on ``devices`` for ``model``: ``"lax"``, ``"matmul"``, or ``"auto: ..."`` in words."""
+    chosen = conv_general_dilated(impl, devices, model)
     if impl != "auto":
         return impl
     if chosen is lax.conv_general_dilated:

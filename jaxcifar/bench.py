@@ -252,7 +252,7 @@ def run(spec: BenchSpec = DEFAULT_SPEC) -> dict[str, Any]:
         "model": spec.model,
         "width": spec.width,
         "dtype": spec.dtype,
-        "conv_impl": backend.describe_conv(spec.conv_impl, devices[:1]),
+        "conv_impl": backend.describe_conv(spec.conv_impl, devices[:1], spec.model),
         "augment": AUGMENT,
         "xla_options": backend.compiler_options(spec.xla_cpu_conv),
         "threads": _threads(),

@@ -16,13 +16,14 @@ from jaxcifar.data import Dataset
 
 def build_model(config: Config, devices: Sequence[Any] | None = None) -> nn.Module:
     """Returns the Linen module of ``config`` (model, width, classes, compute dtype) whose convolutions
-    run ``config.conv_impl`` as chosen for ``devices`` (default: ``jax.devices()``; see ``jaxcifar.backend``)."""
+    run ``config.conv_impl`` as chosen for ``devices`` (default: ``jax.devices()``) and the model (see
+    ``jaxcifar.backend``)."""
     return models.get_model(
         config.model,
         num_classes=config.num_classes,
         width=config.width,
         dtype=models.COMPUTE_DTYPES[config.dtype],
-        conv_general_dilated=backend.conv_general_dilated(config.conv_impl, devices),
+        conv_general_dilated=backend.conv_general_dilated(config.conv_impl, devices, config.model),
     )
 
 

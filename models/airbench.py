@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxcifar.models.conv import max_pool
 from jaxcifar.models.resnet9 import TORCH_DEFAULT_INIT
 
 WHITEN_KERNEL = 2
@@ -83,9 +84,7 @@ class ConvGroup(nn.Module):
             dtype=self.dtype,
         )
         x = conv(name="conv1")(x)
-        # flax's max-pool, not conv.max_pool: with that one (its gradient split among tied maxima) the preset's
-        # tiny run in tests/test_presets.py turns nan in its first epoch under jax_disable_most_optimizations
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x, 2)
         x = gelu(norm(name="norm1")(x))
         x = conv(name="conv2")(x)
         return gelu(norm(name="norm2")(x))
@@ -123,7 +122,7 @@ class AirbenchNet(nn.Module):
             name = f"block{k}"
             x = self.perturb(name, x)
             self.sow("intermediates", name, x)
-        x = nn.max_pool(x, (3, 3), strides=(3, 3))
+        x = max_pool(x, 3)
         x = x.reshape(x.shape[0], -1).astype(jnp.promote_types(x.dtype, jnp.float32))
         x = nn.Dense(self.num_classes, use_bias=False, kernel_init=TORCH_DEFAULT_INIT, dtype=self.dtype, name="linear")(
             x

@@ -332,18 +332,71 @@ def flops(batch: int, out_hw: Sequence[int], window: Sequence[int], c_in: int, c
     return 2 * batch * math.prod(out_hw) * math.prod(window) * c_in * c_out
 
 
-def max_pool(x: jax.Array, size: int) -> jax.Array:
-    """Returns the ``size x size`` max-pool, stride ``size``, no padding, of NHWC ``x`` (B, H, W, C):
-    (B, H // size, W // size, C), the trailing rows and columns that fill no window dropped, as
-    ``flax.linen.max_pool(x, (size, size), strides=(size, size))``.
+def max_pool(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+    """Returns the ``size`` max-pool (an int: ``size x size``; or ``(kh, kw)``), stride = window, no padding, of
+    NHWC ``x`` (B, H, W, C): (B, H // kh, W // kw, C), the trailing rows and columns that fill no window dropped,
+    as ``flax.linen.max_pool(x, (kh, kw), strides=(kh, kw))``, with the same gradient: each window's cotangent
+    goes to one element, its first maximum in row-major order (flax's and PyTorch's rule on ties).
 
-    Computed as a max over a reshape, so that its gradient is elementwise (compare, select, divide) instead of
-    XLA:CPU's select-and-scatter, which it expands to a reduce-window over index pairs plus a scatter and which
-    took ~40 % of an airbench train step's XLA op time, ~10 % of its wall time (experiments/cpu_speed_airbench).
-    The gradient differs from ``flax.linen.max_pool``'s only where a window holds several equal maxima: it is
-    split among them (``jnp.max``'s rule) instead of given to one.
+    The forward is a max over a reshape, ``(B, Ho, kh, Wo, kw, C)`` reduced over the window axes; in a
+    train step a running max over the window positions that also returns each window's arg-max, kept as
+    the VJP's residual, and the backward is elementwise: the cotangent, broadcast over the window, where the
+    window position equals the arg-max, 0 elsewhere. That replaces XLA:CPU's select-and-scatter (which it
+    expands to a reduce-window over index pairs plus a scatter: ~40 % of an airbench train step's XLA op time)
+    and never divides: ``jnp.max``'s own gradient, ``g * (x == max) / count(x == max)``, turned nan when XLA
+    recomputed ``x`` for the comparison with a rounding different from the forward's
+    (experiments/cpu_speed_airbench).
     """
-    b, h, w, c = x.shape
-    ho, wo = h // size, w // size
-    x = x[:, : ho * size, : wo * size, :].reshape(b, ho, size, wo, size, c)
-    return jnp.max(x, axis=(2, 4))
+    window = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return _max_pool(x, window)
+
+
+def global_max_pool(x: jax.Array) -> jax.Array:
+    """Returns the max of NHWC ``x`` (B, H, W, C) over its H x W pixels, (B, C), with ``max_pool``'s gradient."""
+    return max_pool(x, (x.shape[1], x.shape[2])).reshape(x.shape[0], x.shape[3])
+
+
+def _windows(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+    """(B, H, W, C) -> (B, H // kh, kh, W // kw, kw, C): the pooling windows, trailing rows/columns dropped."""
+    (b, h, w, c), (kh, kw) = x.shape, window
+    ho, wo = h // kh, w // kw
+    return x[:, : ho * kh, : wo * kw, :].reshape(b, ho, kh, wo, kw, c)
+
+
+def _window_positions(shape: Sequence[int]) -> jax.Array:
+    """int32 array of ``shape`` (B, Ho, kh, Wo, kw, C): each element's row-major position in its window."""
+    return lax.broadcasted_iota(jnp.int32, shape, 2) * shape[4] + lax.broadcasted_iota(jnp.int32, shape, 4)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+    return jnp.max(_windows(x, window), axis=(2, 4))
+
+
+def _max_pool_fwd(x: jax.Array, window: tuple[int, int]) -> tuple[jax.Array, Any]:
+    # A running max over the kh * kw window positions, each an elementwise pass over (B, Ho, Wo, C)
+    # (one loop fusion, vectorized along C; a variadic reduction over the window axes ran ~1.3x slower).
+    # Strictly greater keeps the first maximum; a nan wins and stays, as in jnp.max.
+    windows = _windows(x, window)
+    pooled = windows[:, :, 0, :, 0, :]
+    argmax = jnp.zeros(pooled.shape, jnp.int32)
+    for i in range(window[0]):
+        for j in range(window[1]):
+            if i == j == 0:
+                continue
+            value = windows[:, :, i, :, j, :]
+            take = (value > pooled) | jnp.isnan(value)
+            pooled = jnp.where(take, value, pooled)
+            argmax = jnp.where(take, i * window[1] + j, argmax)
+    return pooled, (argmax, x.shape)
+
+
+def _max_pool_bwd(window: tuple[int, int], residuals: Any, g: jax.Array) -> tuple[jax.Array]:
+    argmax, (b, h, w, c) = residuals
+    (_, ho, wo, _), (kh, kw) = g.shape, window
+    hit = _window_positions((b, ho, kh, wo, kw, c)) == argmax[:, :, None, :, None, :]
+    dx = jnp.where(hit, g[:, :, None, :, None, :], jnp.zeros((), g.dtype)).reshape(b, ho * kh, wo * kw, c)
+    return (jnp.pad(dx, ((0, 0), (0, h - ho * kh), (0, w - wo * kw), (0, 0))),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcifar.models.conv import max_pool
+from jaxcifar.models.conv import global_max_pool, max_pool
 
 # PyTorch's default init of Conv2d and Linear weights (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
 TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -89,7 +89,7 @@ class ResNet9(nn.Module):
                 x = x + block(features, name=f"{name}_res2")(block(features, name=f"{name}_res1")(x, train), train)
             x = self.perturb(name, x)
             self.sow("intermediates", name, x)
-        x = jnp.max(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
+        x = global_max_pool(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
         x = nn.Dense(self.num_classes, use_bias=False, kernel_init=TORCH_DEFAULT_INIT, dtype=self.dtype, name="linear")(
             x
         )

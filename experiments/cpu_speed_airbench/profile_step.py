@@ -18,9 +18,9 @@ import jax
 import optax
 
 from jaxcifar import backend, models, optim, steps
-from jaxcifar.bench import random_batch
 from jaxcifar.config import Config
 from jaxcifar.data import NORMALIZATION
+from jaxcifar.measure import random_batch
 from jaxcifar.state import create_train_state
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--xla", default="eigen")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--hlo", default="", help="also write the optimized HLO text of the step to this file")
     args = p.parse_args()
     config = Config(model=args.model, batch_size=args.batch_size)
     conv = backend.conv_general_dilated(args.conv, jax.devices()[:1])
@@ -50,6 +51,9 @@ def main() -> None:
     step = steps.make_train_step(mean, std, "crop-flip", xla_options=xla_options(args.xla))
     compiled = step.lower(state, batch).compile()
     hlo = compiled.as_text()
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(hlo)
     state, _ = compiled(state, batch)
     jax.block_until_ready(state)
     tmp = tempfile.mkdtemp()
