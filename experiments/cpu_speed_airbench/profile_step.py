@@ -35,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="airbench")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--conv", default="auto")
     p.add_argument("--xla", default="eigen")
     p.add_argument("--steps", type=int, default=2)
@@ -43,7 +44,7 @@ def main() -> None:
     args = p.parse_args()
     config = Config(model=args.model, batch_size=args.batch_size)
     conv = backend.conv_general_dilated(args.conv, jax.devices()[:1])
-    model = models.get_model(args.model, num_classes=10, width=64, conv_general_dilated=conv)
+    model = models.get_model(args.model, num_classes=10, width=args.width, conv_general_dilated=conv)
     state = create_train_state(model, optim.make_optimizer(config, optax.constant_schedule(0.01)), seed=0)
     images, labels = random_batch(args.batch_size)
     batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
