@@ -138,6 +138,26 @@ def compare(net, layer: str, method: str, x, ours: np.ndarray, **options) -> Non
     assert_maps_match(ours, ref)
 
 
+# The masked-forward methods: thousands of forwards per call, which run ~13x slower with most of XLA's
+# optimizations off (conftest turns them off, since they mostly cost compile time): 17 s against 1.3 s for
+# ScoreCAM at layer3 here.
+FORWARD_HEAVY = ("scorecam", "ablationcam")
+
+
+@pytest.fixture
+def xla_optimized_for(request):
+    """``xla_optimized_for(method)``: XLA's optimizations on for the rest of the test when ``method`` is one of
+    FORWARD_HEAVY (put back as they were afterwards)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+
+    def switch(method: str) -> None:
+        if method in FORWARD_HEAVY:
+            jax.config.update("jax_disable_most_optimizations", False)
+
+    yield switch
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @functools.cache
 def _gradients(layer: str):
     """``cam.activations_and_gradients`` at ``layer``, jitted (one compile per layer)."""
@@ -192,8 +212,9 @@ def test_cam_end_to_end_matches_pytorch_grad_cam(pair):
 @pytest.mark.slow
 @pytest.mark.parametrize("layer", ["layer3", "layer2"])
 @pytest.mark.parametrize("method", cam.METHODS)
-def test_every_method_matches_pytorch_grad_cam(pair, layer, method):
+def test_every_method_matches_pytorch_grad_cam(pair, layer, method, xla_optimized_for):
     net, variables, model, x = pair
+    xla_optimized_for(method)
     with jax.enable_x64(True):
         ours = np.asarray(cam.cam(model, variables, _nhwc(x), layer, method, targets=TARGETS, batch_size=48))
     compare(net, layer, method, x, ours)
@@ -213,9 +234,10 @@ def test_every_method_matches_pytorch_grad_cam(pair, layer, method):
         ("layercam", {"eigen_smooth": True, "aug_smooth": True, "target": "softmax"}),
     ],
 )
-def test_options_match_pytorch_grad_cam(pair, method, options):
+def test_options_match_pytorch_grad_cam(pair, method, options, xla_optimized_for):
     """Softmax targets, aug_smooth (6 views, each with the given targets), eigen_smooth, at layer3."""
     net, variables, model, x = pair
+    xla_optimized_for(method)
     if options.get("aug_smooth"):
         require("ttach")
     with jax.enable_x64(True):
