@@ -32,6 +32,13 @@ for seed in (0, 1):
 """
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to SIG_DFL, as in a terminal. An ignored signal stays ignored
+    across exec, and pytest-xdist's workers ignore SIGINT: without this the child would too, and Python then
+    installs no KeyboardInterrupt handler (the case of a script started with ``&`` from another script)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen:
     """The loop of two runs as a process with Python's default SIGINT handling (start_new_session: the signal
     reaches only it)."""
@@ -43,6 +50,7 @@ def _start(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
 
 
