@@ -185,12 +185,23 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finishes pending saves and releases the managers (CheckpointError, after releasing them, when a save
-        failed)."""
+        failed).
+
+        A failed background write can surface again, or only, in a manager's ``close``: orbax's metadata store
+        keeps its own future, whose error ``wait_until_finished`` may not have consumed yet. Such an error
+        becomes (or stays) the one CheckpointError, never a raw ``OSError`` that hides it."""
         try:
             self.wait()
         finally:
-            self.latest.close()
-            self.best.close()
+            for manager in (self.latest, self.best):  # both, even when the first fails
+                try:
+                    manager.close()
+                except Exception as e:
+                    self.failed = self.failed or CheckpointError(
+                        f"cannot save checkpoint {manager.directory}: {_first_line(e)}"
+                    )
+        if self.failed is not None:
+            raise self.failed
 
 
 def is_closed_loop_callback(error: BaseException | None) -> bool:
