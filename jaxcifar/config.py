@@ -230,6 +230,12 @@ class Config:
         "and down-right with reflect padding; logits weighted 1/4, 1/4 and 1/8 each).",
         choices=TTA_MODES,
     )
+    tta_final_only: bool = _field(
+        False,
+        "With --tta: evaluate every epoch but the last on the plain images and only the last with the TTA views "
+        "(airbench's practice; multi-crop evaluates 6 views, on a CPU 6x a plain evaluation's time). The "
+        "history's tta key marks the epochs evaluated with TTA.",
+    )
     cycle_momentum: bool = _field(
         False,
         "onecycle: cycle SGD momentum (Adam beta1) inversely to the LR between --max-momentum and "
@@ -323,6 +329,7 @@ class Config:
         _check(0.0 <= self.muon_momentum < 1.0, "muon_momentum", "must be in [0, 1)")
         _check(self.lookahead_every >= 0, "lookahead_every", "must be >= 0 (0 = off)")
         _check(0.0 <= self.lookahead_decay < 1.0, "lookahead_decay", "must be in [0, 1)")
+        _check(not self.tta_final_only or self.tta != "none", "tta_final_only", "needs a --tta other than none")
         _check(
             not self.alternating_flip or self.augment != "none",
             "alternating_flip",

@@ -36,6 +36,7 @@ class Evaluator:
         mesh: Mesh | None = None,
     ) -> None:
         self.split = split
+        self.tta = tta
         self.rows = eval_index_rows(len(split), batch_size)
         self.gather = make_gather_batch(mesh)
         self.step: Any = steps.make_eval_step(mean, std, mesh=mesh, tta=tta, ema=ema)

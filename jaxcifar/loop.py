@@ -77,6 +77,7 @@ class Run:
     rundir: RunDir
     train_step: Callable[..., Any]  # ``setup.train_step`` compiled for the run's state
     evaluators: dict[str, Evaluator]  # history prefix ("test", "ema_val", ...) -> evaluator
+    last_epoch_evaluators: dict[str, Evaluator]  # the same, for the last epoch (with TTA under --tta-final-only)
     schedule: optax.Schedule
     writer: MetricWriter
     checkpointer: Checkpointer
@@ -221,7 +222,7 @@ def _epochs(run: Run, state: TrainState, history: list[dict[str, Any]], best: fl
     try:
         for epoch in range(len(history) + 1, run.config.epochs + 1):
             state, record = train_epoch(run, state, epoch)
-            record.update(evaluate_epoch(run, state))
+            record.update(evaluate_epoch(run, state, epoch))
             run.timing.add("train", record["train_seconds"])
             run.timing.add("eval", record["eval_seconds"])
             best = select_and_save(run, state, record, best)
@@ -258,11 +259,12 @@ def set_up(
     the history writer (``history.json`` rewritten as ``history`` stands) and the checkpointer of ``rundir``.
     ``timing`` gets the compile seconds."""
     timing, config = timing or Timing(), setup.config
-    evaluators = setup.evaluators()
+    evaluators = setup.evaluators("none" if config.tta_final_only else None)
+    last_epoch_evaluators = setup.evaluators() if config.tta_final_only else evaluators
     t0 = time.perf_counter()
     with timing.phase("compile"):
         train_step = setup.train_step.lower(state, setup.batch(setup.epoch_rows(1), 0)).compile()
-        for evaluator in evaluators.values():
+        for evaluator in {id(e): e for e in [*evaluators.values(), *last_epoch_evaluators.values()]}.values():
             evaluator.compile(state)
     echo(f"compile: {time.perf_counter() - t0:.1f}s (train and eval steps, once per run)", verbose)
     writer = MetricWriter(rundir.path, history, enabled=is_main)
@@ -275,6 +277,7 @@ def set_up(
         rundir=rundir,
         train_step=train_step,
         evaluators=evaluators,
+        last_epoch_evaluators=last_epoch_evaluators,
         schedule=schedule,
         writer=writer,
         checkpointer=Checkpointer(rundir.path, keep=config.keep_checkpoints, asynchronous=asynchronous),
@@ -339,14 +342,18 @@ def _mean(sums: Any) -> tuple[float, float]:
     return float(host["loss_sum"] / host["count"]), float(host["correct"] / host["count"])
 
 
-def evaluate_epoch(run: Run, state: TrainState) -> dict[str, Any]:
+def evaluate_epoch(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     """Returns ``{PREFIX_loss, PREFIX_acc}`` for every evaluator of the run (``test``, ``val``,
-    ``ema_test``, ...) and ``eval_seconds``."""
+    ``ema_test``, ...) at ``epoch`` (from 1; the last one's evaluators differ under ``--tta-final-only``),
+    ``eval_seconds``, and ``tta`` (the TTA mode) when the evaluation used test-time views."""
     start = time.perf_counter()
     record: dict[str, Any] = {}
-    for prefix, evaluator in run.evaluators.items():
+    evaluators = run.last_epoch_evaluators if epoch == run.config.epochs else run.evaluators
+    for prefix, evaluator in evaluators.items():
         result = evaluator(state)
         record[f"{prefix}_loss"], record[f"{prefix}_acc"] = result["loss"], result["acc"]
+        if evaluator.tta != "none":
+            record["tta"] = evaluator.tta
     record["eval_seconds"] = time.perf_counter() - start
     return record
 
@@ -376,8 +383,6 @@ def select_and_save(run: Run, state: TrainState, record: dict[str, Any], best: f
             check_loss(run, f"the {key.replace('_', ' ')}", value, record["epoch"], record["step"])
     record["seconds"] = record["train_seconds"] + record["eval_seconds"]
     record["wall_seconds"] = round(time.perf_counter() - run.timing.started, 3)
-    if config.tta != "none":
-        record["tta"] = config.tta
     if run.setup.mix_enabled:
         record["train_acc_of"] = "dominant label"
     prefix = "ema_" if config.ema_decay is not None else ""

@@ -239,9 +239,10 @@ class RunSetup:
         """Returns batch ``step`` (0-based, within the epoch) of ``epoch_rows``, sharded over the mesh."""
         return self.gather(self.train.images, self.train.labels, rows, step)
 
-    def evaluators(self) -> dict[str, Evaluator]:
+    def evaluators(self, tta: str | None = None) -> dict[str, Evaluator]:
         """Returns the run's evaluators, by history prefix (``val``, ``test``, ``ema_val``, ``ema_test``): the
-        validation (if any) and test splits replicated on the mesh, with the run's TTA and batch size."""
+        validation (if any) and test splits replicated on the mesh, with the run's batch size and ``tta`` (the
+        run's ``--tta`` when None)."""
         on_all = replicated(self.mesh)
         data, config = self.dataset, self.config
         splits = {"val": data.val, "test": data.test} if data.val is not None else {"test": data.test}
@@ -250,6 +251,6 @@ class RunSetup:
         for ema in [False, True] if config.ema_decay is not None else [False]:
             for name, split in on_device.items():
                 evaluators[("ema_" if ema else "") + name] = Evaluator(
-                    split, data.mean, data.std, config.eval_batch_size, tta=config.tta, ema=ema, mesh=self.mesh
+                    split, data.mean, data.std, config.eval_batch_size, tta=tta or config.tta, ema=ema, mesh=self.mesh
                 )
         return evaluators

@@ -160,21 +160,28 @@ FIELD_VALUES = {
     f.name: [c for v in _candidates(f) if (c := _valid(**{f.name: v})) is not None] for f in dataclasses.fields(Config)
 }
 
+# The fields whose other values need another field changed too (folder needs --data-dir, --tta-final-only a --tta).
+DEFAULT = Config()
+NEEDS_A_COMPANION = {
+    "data_source": [Config(data_source="folder", data_dir="data")],
+    "tta_final_only": [Config(tta="flip", tta_final_only=True)],
+}
+
 
 @pytest.mark.parametrize("name", list(FIELD_VALUES))
 def test_config_to_argv_round_trips_every_value_of_every_field(name):
     """``parse_config(config_to_argv(c)) == c`` for configs that differ from the defaults in one field, over
     booleans, tuples, floats (1e-07, 1/3, 2.5e10), None, choices, ``auto`` and a workdir that starts with a dash;
-    the argv holds that field's flag only."""
-    configs = FIELD_VALUES[name]
-    if name == "data_source":  # folder needs --data-dir: the only field that cannot change alone
-        configs = [*configs, Config(data_source="folder", data_dir="data")]
+    the argv holds that field's flag only (and its companion's, for ``NEEDS_A_COMPANION``)."""
+    configs = FIELD_VALUES[name] + NEEDS_A_COMPANION.get(name, [])
     assert configs, f"no valid non-default value tried for {name}"
     for config in configs:
         argv = config_to_argv(config)
         assert parse_config(build_parser(), argv) == config, argv
         flags = [a.split("=")[0] for a in argv if a.startswith("--")]
-        assert flags in ([flag(name)], [flag(name).replace("--", "--no-")], [flag(name), "--data-dir"]), argv
+        changed = [f.name for f in dataclasses.fields(Config) if getattr(config, f.name) != getattr(DEFAULT, f.name)]
+        assert name in changed and len(changed) <= 2, changed
+        assert sorted(f.replace("--no-", "--", 1) for f in flags) == sorted(flag(n) for n in changed), argv
 
 
 def test_config_to_argv_round_trips_a_config_that_changes_every_field_at_once():

@@ -265,6 +265,31 @@ def test_multi_crop_tta_views_and_weights_by_hand():
     np.testing.assert_allclose(mean_softmax, jax.nn.softmax(logits, axis=-1).mean(0), rtol=1e-6)
 
 
+def test_tta_final_only_evaluates_the_earlier_epochs_plain_and_the_last_with_the_views(tmp_path):
+    """``--tta-final-only``: the same training; every epoch but the last gets the plain evaluation (the numbers
+    of a run without --tta), the last one the TTA evaluation (the numbers of a run with --tta every epoch), and
+    the history's ``tta`` key marks exactly that epoch."""
+    from jaxcifar import fit
+    from tests.tiny_runs import tiny_run
+
+    def history(name: str, **changes) -> list[dict]:
+        config = Config(**tiny_run(epochs=3, workdir=str(tmp_path / name), **changes))
+        return fit(config, verbose=False).history
+
+    plain, every, final_only = (
+        history("plain"),
+        history("every", tta="multi-crop"),
+        history("final", tta="multi-crop", tta_final_only=True),
+    )
+    loss = [[record["test_loss"] for record in h] for h in (plain, every, final_only)]
+    assert loss[2] == pytest.approx(loss[0][:2] + loss[1][2:], rel=1e-6, abs=0), loss
+    assert loss[1][2] != pytest.approx(loss[0][2], rel=1e-4), loss  # the views change the numbers
+    assert [record.get("tta") for record in final_only] == [None, None, "multi-crop"]
+    assert [record.get("tta") for record in every] == ["multi-crop"] * 3
+    with pytest.raises(ConfigError, match=r"^--tta-final-only needs a --tta other than none$"):
+        Config(tta_final_only=True)
+
+
 def test_lookahead_by_hand():
     """every 2 steps, T = 4, decay 0.5: d(t) = 0.5 (t/4)^3. SGD lr 1 on the loss w (gradient 1): w drops by 1 a step."""
     spec = steps.Lookahead(every=2, decay=0.5, total_steps=4)
