@@ -234,7 +234,7 @@ class Config:
         False,
         "With --tta: evaluate every epoch but the last on the plain images and only the last with the TTA views "
         "(airbench's practice; multi-crop evaluates 6 views, on a CPU 6x a plain evaluation's time). The "
-        "history's tta key marks the epochs evaluated with TTA.",
+        "history's tta key marks the epochs evaluated with TTA; the best checkpoint is chosen on plain accuracy.",
     )
     cycle_momentum: bool = _field(
         False,

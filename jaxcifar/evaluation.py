@@ -50,13 +50,21 @@ class Evaluator:
         self.step = self.step.lower(state, self.batch(0)).compile()
 
     def __call__(self, state: TrainState) -> dict[str, float]:
-        """Returns ``{"loss", "acc"}`` (Python floats) of ``state`` over the whole split."""
+        """Returns ``{"loss", "acc"}`` (Python floats) of ``state`` over the whole split; with TTA also
+        ``{"plain_loss", "plain_acc"}``, those of the unaltered images (the TTA's first view)."""
         totals = None
         for i in range(self.rows.shape[0]):
             metrics = self.step(state, self.batch(i))
             totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
         totals = jax.device_get(totals)
-        return {"loss": float(totals["loss_sum"] / totals["count"]), "acc": float(totals["correct"] / totals["count"])}
+        result = {
+            "loss": float(totals["loss_sum"] / totals["count"]),
+            "acc": float(totals["correct"] / totals["count"]),
+        }
+        if "plain_correct" in totals:
+            result["plain_loss"] = float(totals["plain_loss_sum"] / totals["count"])
+            result["plain_acc"] = float(totals["plain_correct"] / totals["count"])
+        return result
 
 
 def evaluate(
@@ -69,7 +77,8 @@ def evaluate(
     ema: bool = False,
 ) -> dict[str, float]:
     """Returns ``{"loss", "acc"}`` of ``state`` (its EMA weights with ``ema``) over ``dataset``'s ``split``
-    (``"test"``, ``"val"`` or ``"train"``), normalized with the dataset's mean/std, on the default device."""
+    (``"test"``, ``"val"`` or ``"train"``), normalized with the dataset's mean/std, on the default device;
+    with a ``tta`` other than ``none`` also ``{"plain_loss", "plain_acc"}`` (the unaltered images alone)."""
     data: Split | None = getattr(dataset, split, None) if split in ("train", "val", "test") else None
     if data is None:
         raise DataError(f"the dataset has no {split!r} split (train, test, and val with --val-fraction > 0)")

@@ -345,13 +345,14 @@ def _mean(sums: Any) -> tuple[float, float]:
 def evaluate_epoch(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     """Returns ``{PREFIX_loss, PREFIX_acc}`` for every evaluator of the run (``test``, ``val``,
     ``ema_test``, ...) at ``epoch`` (from 1; the last one's evaluators differ under ``--tta-final-only``),
-    ``eval_seconds``, and ``tta`` (the TTA mode) when the evaluation used test-time views."""
+    ``eval_seconds``, and when the evaluation used test-time views ``tta`` (the mode) and
+    ``{PREFIX_plain_loss, PREFIX_plain_acc}`` (those of the unaltered images alone)."""
     start = time.perf_counter()
     record: dict[str, Any] = {}
     evaluators = run.last_epoch_evaluators if epoch == run.config.epochs else run.evaluators
     for prefix, evaluator in evaluators.items():
-        result = evaluator(state)
-        record[f"{prefix}_loss"], record[f"{prefix}_acc"] = result["loss"], result["acc"]
+        for metric, value in evaluator(state).items():  # loss, acc and, with TTA, plain_loss, plain_acc
+            record[f"{prefix}_{metric}"] = value
         if evaluator.tta != "none":
             record["tta"] = evaluator.tta
     record["eval_seconds"] = time.perf_counter() - start
@@ -374,9 +375,10 @@ def check_loss(run: Run, what: str, loss: float, epoch: int, step: int) -> None:
 
 def select_and_save(run: Run, state: TrainState, record: dict[str, Any], best: float) -> float:
     """Checks the epoch's losses, then checkpoints ``state`` (also as best when its selection accuracy,
-    EMA and validation first, beats ``best``), appends ``record`` to the history (TensorBoard at once,
-    ``history.json`` once its checkpoint is committed: at the next save or the end of ``fit``) and prints
-    the epoch's summary line. Returns the new best accuracy. Nothing is saved for a diverged epoch."""
+    EMA and validation first, the plain one under ``--tta-final-only``, beats ``best``), appends ``record``
+    to the history (TensorBoard at once, ``history.json`` once its checkpoint is committed: at the next
+    save or the end of ``fit``) and prints the epoch's summary line. Returns the new best accuracy.
+    Nothing is saved for a diverged epoch."""
     config = run.config
     for key, value in record.items():  # a non-finite eval loss would make a non-finite "best"
         if key.endswith("_loss") and (key == "train_loss" or not math.isfinite(value)):
@@ -386,7 +388,10 @@ def select_and_save(run: Run, state: TrainState, record: dict[str, Any], best: f
     if run.setup.mix_enabled:
         record["train_acc_of"] = "dominant label"
     prefix = "ema_" if config.ema_decay is not None else ""
-    selection = record.get(f"{prefix}val_acc", record[f"{prefix}test_acc"])
+    split = f"{prefix}val" if f"{prefix}val_acc" in record else f"{prefix}test"
+    selection = record[f"{split}_acc"]
+    if config.tta_final_only:  # the other epochs were evaluated plain: compare the last one's plain accuracy
+        selection = record.get(f"{split}_plain_acc", selection)
     with run.timing.phase("checkpoint"):
         run.checkpointer.wait()  # the previous epoch's checkpoint is committed:
     run.writer.write_history()  # history.json lists it, and nothing newer
@@ -404,7 +409,10 @@ def summary_line(record: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}"]
     for split in ("train", "val", "test", "ema_val", "ema_test"):
         if f"{split}_loss" in record:
-            parts.append(f"{split} loss {record[f'{split}_loss']:.4f} acc {100 * record[f'{split}_acc']:6.2f}%")
+            part = f"{split} loss {record[f'{split}_loss']:.4f} acc {100 * record[f'{split}_acc']:6.2f}%"
+            if f"{split}_plain_acc" in record:  # a TTA epoch: the views' accuracy, then the plain images' alone
+                part += f" (plain {100 * record[f'{split}_plain_acc']:.2f}%)"
+            parts.append(part)
     if "skipped_steps" in record:
         parts.append(f"skipped {record['skipped_steps']} (loss scale {record['loss_scale']:g})")
     parts.append(f"lr {record['lr']:.3e}")

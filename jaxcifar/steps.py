@@ -204,10 +204,12 @@ def eval_step(
 ) -> Metrics:
     """Eval-mode forward of a (possibly padded) batch; ``batch["mask"]`` marks the real examples.
 
-    ``tta`` averages the softmax over test-time views (``transforms.tta_views``) in one forward
+    ``tta`` combines the predictions of test-time views (``transforms.tta_views``) in one forward
     pass; ``ema`` evaluates the EMA weights; ``chunk`` runs the forward over chunks of at most that
     many images (``apply_in_chunks``; same result). Returns ``{"loss_sum", "correct", "count"}``
-    over the real examples (float32 scalars); the loss is the NLL of the (averaged) probabilities.
+    over the real examples (float32 scalars); the loss is the NLL of the (combined) probabilities.
+    With a ``tta`` other than ``none`` it also returns ``plain_loss_sum`` and ``plain_correct``: the
+    same sums for the first view alone, the unaltered images (the plain evaluation, at no extra forward).
     """
     images = transforms.normalize(batch["image"], mean, std)
     views = transforms.tta_views(images, tta)
@@ -215,12 +217,21 @@ def eval_step(
     variables = state.variables(ema)
     logits = apply_in_chunks(
         lambda x: state.apply_fn(variables, x, train=False), views.reshape(v * b, *views.shape[2:]), chunk
-    )
-    log_probs = transforms.tta_log_probs(logits.reshape(v, b, -1), tta)
+    ).reshape(v, b, -1)
     mask = batch["mask"].astype(jnp.float32)
-    losses = -jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1)[:, 0]
-    correct = (jnp.argmax(log_probs, -1) == batch["label"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    loss_sum, correct = _nll_and_correct(transforms.tta_log_probs(logits, tta), batch["label"], mask)
+    metrics = {"loss_sum": loss_sum, "correct": correct, "count": jnp.sum(mask)}
+    if v > 1:
+        plain_log_probs = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+        metrics["plain_loss_sum"], metrics["plain_correct"] = _nll_and_correct(plain_log_probs, batch["label"], mask)
+    return metrics
+
+
+def _nll_and_correct(log_probs: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns the masked sums of the NLL and of the correct predictions of ``log_probs`` (B, K) (scalars)."""
+    losses = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(log_probs, -1) == labels).astype(jnp.float32)
+    return jnp.sum(losses * mask), jnp.sum(correct * mask)
 
 
 def augment_spec(

@@ -15,6 +15,7 @@ import pytest
 from jaxcifar import gradcam, models, optim, steps, transforms
 from jaxcifar.config import Config
 from jaxcifar.errors import ConfigError
+from jaxcifar.layout import RunDir
 from jaxcifar.models.airbench import WHITEN_EPS, patch_second_moment, whitening_kernel, whitening_sample
 from jaxcifar.state import TrainState, create_train_state, init_variables, param_count
 from tests import torch_support
@@ -286,6 +287,16 @@ def test_tta_final_only_evaluates_the_earlier_epochs_plain_and_the_last_with_the
     assert loss[1][2] != pytest.approx(loss[0][2], rel=1e-4), loss  # the views change the numbers
     assert [record.get("tta") for record in final_only] == [None, None, "multi-crop"]
     assert [record.get("tta") for record in every] == ["multi-crop"] * 3
+    # A TTA epoch also records its first view's numbers, the plain evaluation's; the best checkpoint is chosen on
+    # them under --tta-final-only, so the last epoch is compared like with like.
+    assert "test_plain_acc" not in final_only[0] and "test_plain_acc" not in plain[2]
+    assert [r["test_plain_loss"] for r in every] == pytest.approx([r["test_loss"] for r in plain], rel=1e-5)
+    assert [r["test_plain_acc"] for r in every] == pytest.approx([r["test_acc"] for r in plain], abs=1 / 64)
+    plain_acc = [r["test_acc"] for r in final_only[:2]] + [final_only[2]["test_plain_acc"]]
+    meta = RunDir(tmp_path / "final").read_meta()
+    assert meta["best"] == max(plain_acc), (meta["best"], plain_acc, final_only[2]["test_acc"])
+    best_steps = [int(p.name) for p in RunDir(tmp_path / "final").best.iterdir() if p.name.isdigit()]
+    assert best_steps == [final_only[plain_acc.index(max(plain_acc))]["step"]], (best_steps, plain_acc)
     with pytest.raises(ConfigError, match=r"^--tta-final-only needs a --tta other than none$"):
         Config(tta_final_only=True)
 
