@@ -3,7 +3,8 @@
 - ``conv_general_dilated(impl, devices, model)``: the convolution primitive handed to the model
   (``Config.conv_impl``): ``"lax"`` (XLA's convolution and gradients), ``"matmul"`` (the custom VJP of
   ``jaxcifar.models.conv`` everywhere), ``"auto"`` (the custom VJP where it was measured faster on one
-  CPU device, except for the models of ``AUTO_LAX_MODELS``; XLA's own on GPU, TPU and several devices).
+  CPU device, except for a model whose class says ``cpu_auto_conv = "lax"``; XLA's own on GPU, TPU and several
+  devices).
 - ``compiler_options()``: XLA flags for functions that run a model (on CPU, convolutions go to XLA's
   Eigen kernels instead of YNNPACK); ``lazy_jit`` applies them to module-level functions.
 - ``eval_chunk(devices)``: eval-mode forwards on one CPU device run in chunks.
@@ -30,6 +31,7 @@ from jax import lax
 
 from jaxcifar.errors import RunFileError
 from jaxcifar.files import write_json
+from jaxcifar.models import cpu_auto_conv
 from jaxcifar.models.conv import PATCH_BLOCK_BYTES, CustomGradConv
 from jaxcifar.names import CONV_IMPLS
 
@@ -41,10 +43,6 @@ XLA_CPU_CONVOLUTIONS = ("eigen", "ynnpack")
 # forward FLOPs per call, and for stride-1 ones with at most AUTO_MIN_OUT_PIXELS output pixels.
 AUTO_MIN_FLOPS = 2.5e8
 AUTO_MIN_OUT_PIXELS = 8 * 8
-
-# "auto" keeps XLA's own gradients for every convolution of these models: their whole train step at batch
-# 512 ran faster with "lax" than with the per-shape routing above (experiments/cpu_speed_airbench).
-AUTO_LAX_MODELS = frozenset({"airbench", "resnet9"})
 
 # Eval-mode forwards on one CPU device run over chunks of at most this many images (``jax.lax.map``).
 CPU_EVAL_CHUNK = 128
@@ -64,12 +62,14 @@ def conv_general_dilated(
     impl: str = "auto", devices: Sequence[Any] | None = None, model: str | None = None
 ) -> Callable[..., Any]:
     """Returns the convolution primitive (``lax.conv_general_dilated``'s signature) for ``impl`` on
-    ``devices`` (default: ``jax.devices()``), to pass to the model named ``model`` (None: any model).
-    Raises ValueError for an unknown ``impl``."""
+    ``devices`` (default: ``jax.devices()``), to pass to the model named ``model`` (None: any model; under
+    ``"auto"`` a model's ``cpu_auto_conv``, ``models.cpu_auto_conv``, can choose XLA's gradients on one CPU).
+    Raises ValueError for an unknown ``impl`` or ``model``."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv implementation {impl!r}; expected one of: {', '.join(CONV_IMPLS)}")
     devices = _devices(devices)
-    if impl == "lax" or (impl == "auto" and (not is_single_cpu(devices) or model in AUTO_LAX_MODELS)):
+    per_model = model is not None and cpu_auto_conv(model) == "lax"  # the model's own choice (its class)
+    if impl == "lax" or (impl == "auto" and (not is_single_cpu(devices) or per_model)):
         return lax.conv_general_dilated
     # With several devices the batch may be sharded: one weight-gradient matmul, no loop of collectives.
     block_bytes = PATCH_BLOCK_BYTES if len(devices) == 1 else None

@@ -5,7 +5,9 @@ A model is a Linen module (one file in ``models/``) with the fields ``num_classe
 outputs by name and names its Grad-CAM layer (at least 5x5 on 32x32 inputs) in the class variable
 ``gradcam_layer``. A model whose initial weights depend on the training data (airbench's whitening
 filters) has a static ``params_from_data(params, images, mean, std) -> params``, which the run calls
-on its training images right after the random init (``initial_params``). Registering it is one line in
+on its training images right after the random init (``initial_params``). A model whose train step runs
+faster on one CPU device with XLA's own convolution gradients says so with ``cpu_auto_conv = "lax"``
+(``cpu_auto_conv``; ``--conv-impl auto`` then uses them). Registering it is one line in
 ``_REGISTRY`` and its name in ``jaxcifar.names.MODELS`` (what ``Config`` accepts; checked at import).
 """
 
@@ -62,6 +64,16 @@ def gradcam_layer(model: nn.Module) -> str:
     return getattr(model, "gradcam_layer", "layer3")
 
 
+def cpu_auto_conv(name: str) -> str:
+    """Returns what ``--conv-impl auto`` gives the model called ``name`` on one CPU device: its class variable
+    ``cpu_auto_conv`` (``"lax"``: XLA's own gradients everywhere), else ``"per-shape"`` (``jaxcifar.backend``'s
+    routing, measured on ResNet18). Raises ValueError for an unknown name."""
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    return getattr(_REGISTRY[key], "cpu_auto_conv", "per-shape")
+
+
 def initial_params(model: nn.Module, params: Any, images: Any, mean: Any, std: Any) -> Any:
     """Returns ``params`` with the data-dependent part of ``model``'s init computed from ``images`` (uint8
     (N, H, W, 3) training images, normalized with ``mean``/``std``): ``model.params_from_data`` where the
@@ -80,6 +92,7 @@ __all__ = [
     "ResNet18",
     "ResNet34",
     "available_models",
+    "cpu_auto_conv",
     "get_model",
     "gradcam_layer",
     "initial_params",

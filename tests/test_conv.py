@@ -186,6 +186,9 @@ def test_auto_keeps_xla_gradients_for_the_fast_models(model):
     assert build_model(Config(model=model, width=4), [CPU]).conv_general_dilated is lax.conv_general_dilated
     assert build_model(Config(model=model, width=4, conv_impl="matmul"), [CPU]).conv_general_dilated == CustomGradConv()
     assert build_model(Config(model="resnet18", width=4), [CPU]).conv_general_dilated == AUTO
+    assert [models.cpu_auto_conv(name) for name in (model, "resnet18", "ResNet34")] == ["lax", "per-shape", "per-shape"]
+    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+        backend.conv_general_dilated("auto", [CPU], "resnet50")
 
 
 def test_backend_defaults_to_this_process_devices_and_rejects_unknown_impls():
