@@ -70,9 +70,11 @@ def _run(config: Config, rundir: RunDir, dataset: Dataset | None, verbose: bool,
     if not finished or report_due:
         claim_workdir(rundir.path)  # decided: this command writes the workdir (a refused one names its pid)
     found, prepared = None, None
-    if config.lr == "auto":  # a fresh run (a resumed one has its saved LR): the range test and training share a set-up
+    if meta is None or config.lr == "auto":  # a fresh run (a resumed one has its saved LR): the range test
+        # (--lr auto), training and the report share one set-up, so the data is loaded once
         prepared = RunSetup.create(config, dataset, verbose=verbose, timing=timing)
         dataset = prepared.dataset
+    if config.lr == "auto":
         with timing.phase("lr_find"):
             found = range_test(prepared, rundir if distributed.is_main_process() else None, verbose=main)
         echo(f"lr: {found.suggestion:.3g} from the LR range test ({found.rule}), see {rundir.lr_find_png}", main)

@@ -141,3 +141,18 @@ def test_report_with_cam_methods_draws_them_and_scores_them(real_run, tmp_path, 
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
     assert "--cam gradcam,gradcam+: unknown 'gradcam+'; available: gradcam, hirescam," in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_with_report_loads_the_data_once(tmp_path, monkeypatch):
+    """``run`` with ``--report`` and a numeric LR hands training's dataset to the report: the report's own
+    loading (for ``python -m jaxcifar.report``) is a tripwire here, and the report is still written."""
+    import jaxcifar.report
+    from jaxcifar import Config, run
+    from tests.tiny_runs import tiny_run
+
+    def tripwire(config):
+        raise AssertionError("the report loaded the dataset again")
+
+    monkeypatch.setattr(jaxcifar.report, "load_dataset", tripwire)
+    result = run(Config(**tiny_run(report=True, workdir=str(tmp_path / "run"))), verbose=False)
+    assert result.report is not None and (tmp_path / "run" / "report.json").is_file()
