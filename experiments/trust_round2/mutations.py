@@ -87,17 +87,33 @@ def main() -> int:
         file.write_text(source.replace(text, replacement))
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--tb=line",
-                 "tests/test_trust_race.py", "-k", test],
-                cwd=REPO, capture_output=True, text=True, check=False,
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-x",
+                    "-p",
+                    "no:cacheprovider",
+                    "--tb=line",
+                    "tests/test_trust_race.py",
+                    "-k",
+                    test,
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=False,
             )
         finally:
             subprocess.run(["git", "checkout", "--", path], cwd=REPO, check=True)
         lines = done.stdout.splitlines()
         message = next((line for line in lines if line.startswith(("E ", "/")) and "Error" in line), "")
         summary = lines[-1] if lines else done.stderr[-300:]
-        print(f"## {what}\n{path}: {text.strip()!r} -> {replacement.strip()!r}\n{test}: {summary}\n{message}\n",
-              flush=True)
+        print(
+            f"## {what}\n{path}: {text.strip()!r} -> {replacement.strip()!r}\n{test}: {summary}\n{message}\n",
+            flush=True,
+        )
     return 0
 
 
