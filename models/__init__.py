@@ -53,10 +53,15 @@ def get_model(name: str, **kwargs) -> nn.Module:
     ``kwargs`` are the module's fields, e.g. ``num_classes``, ``width``, ``dtype``.
     Raises ValueError naming the known models when ``name`` is unknown.
     """
+    return _model_class(name)(**kwargs)
+
+
+def _model_class(name: str) -> Callable[..., nn.Module]:
+    """Returns the registered class called ``name`` (case-insensitive); ValueError naming the known models."""
     key = name.lower()
     if key not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-    return _REGISTRY[key](**kwargs)
+    return _REGISTRY[key]
 
 
 def gradcam_layer(model: nn.Module) -> str:
@@ -68,10 +73,7 @@ def cpu_auto_conv(name: str) -> str:
     """Returns what ``--conv-impl auto`` gives the model called ``name`` on one CPU device: its class variable
     ``cpu_auto_conv`` (``"lax"``: XLA's own gradients everywhere), else ``"per-shape"`` (``jaxcifar.backend``'s
     routing, measured on ResNet18). Raises ValueError for an unknown name."""
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-    return getattr(_REGISTRY[key], "cpu_auto_conv", "per-shape")
+    return getattr(_model_class(name), "cpu_auto_conv", "per-shape")
 
 
 def initial_params(model: nn.Module, params: Any, images: Any, mean: Any, std: Any) -> Any:

@@ -103,9 +103,7 @@ class AirbenchNet(nn.Module):
     gradcam_layer: ClassVar[str] = "block2"  # 7x7 on 32x32 inputs (block3 is 3x3)
     frozen_params: ClassVar[tuple[str, ...]] = ("whiten/kernel",)  # the optimizer never updates these
     early_params: ClassVar[tuple[str, ...]] = ("whiten/bias",)  # trained for --whiten-bias-epochs only
-    # --conv-impl auto on one CPU device: XLA's own gradients for every convolution (this model's whole batch-512
-    # train step measured faster so than with the per-shape routing ResNet18 uses; experiments/cpu_speed_airbench)
-    cpu_auto_conv: ClassVar[str] = "lax"
+    cpu_auto_conv: ClassVar[str] = "lax"  # --conv-impl auto on one CPU (models.cpu_auto_conv): measured faster
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

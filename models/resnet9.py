@@ -76,9 +76,7 @@ class ResNet9(nn.Module):
     conv_general_dilated: Callable[..., Any] = lax.conv_general_dilated
 
     gradcam_layer: ClassVar[str] = "layer2"  # 8x8 on 32x32 inputs (layer3 is 4x4)
-    # --conv-impl auto on one CPU device: XLA's own gradients for every convolution (this model's whole batch-512
-    # train step measured faster so than with the per-shape routing ResNet18 uses; experiments/cpu_speed_airbench)
-    cpu_auto_conv: ClassVar[str] = "lax"
+    cpu_auto_conv: ClassVar[str] = "lax"  # --conv-impl auto on one CPU (models.cpu_auto_conv): measured faster
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
