@@ -185,8 +185,23 @@ class Config:
         "(airbench94_muon); the other parameters keep --optimizer. 0 = off.",
     )
     muon_momentum: float = _field(0.6, "Muon's momentum (with --muon-lr).")
+    muon_normalize: bool = _field(
+        True,
+        "With --muon-lr: before each update, scale every kernel to Frobenius norm sqrt(C_out), as airbench94_muon's "
+        "Muon does (--no-muon-normalize: optax's Muon alone).",
+    )
     whiten_bias_epochs: int = _field(
         3, "airbench: epochs during which the whitening convolution's bias trains (its filters never do)."
+    )
+    whiten_bias_lr_mult: float = _field(
+        1.0,
+        "airbench: the whitening bias trains at this multiple of the LR (its weight decay divided by it, so the "
+        "decay per step is unchanged); airbench94_muon uses --bn-bias-lr-mult's value, airbench94 1.",
+    )
+    whiten_bias_decay: bool = _field(
+        False,
+        "airbench: the whitening bias's LR falls linearly from its peak to 0 over --whiten-bias-epochs "
+        "(airbench94_muon) instead of following --schedule until then.",
     )
     grad_clip: float = _field(0.0, "Clip gradients to this global L2 norm before weight decay; 0 = off.")
     label_smoothing: float = _field(0.0, "Label smoothing of the cross-entropy, in [0, 1).")
@@ -195,7 +210,8 @@ class Config:
         "LR schedule, stepped per batch: onecycle (PyTorch OneCycleLR, cosine), linear-onecycle (piecewise "
         "linear: lr / div-factor -> lr at pct-start -> lr / (div-factor x final-div-factor) at the end, as Page's "
         "ResNet-9 and airbench), cosine (to 0), multistep "
-        "(x gamma at each milestone epoch), warmup-cosine (linear warm-up then cosine to 0), constant.",
+        "(x gamma at each milestone epoch), warmup-cosine (linear warm-up then cosine to 0), linear (from lr "
+        "straight down to 0 at the last step, as airbench94_muon), constant.",
         choices=SCHEDULES,
     )
     pct_start: float = _field(0.3, "onecycle, linear-onecycle: fraction of the steps spent increasing the LR.")
@@ -325,6 +341,7 @@ class Config:
         _check(0 <= self.crop_padding <= 16, "crop_padding", "must be in [0, 16]")
         _check(self.bn_bias_lr_mult > 0, "bn_bias_lr_mult", "must be > 0")
         _check(self.whiten_bias_epochs >= 0, "whiten_bias_epochs", "must be >= 0")
+        _check(self.whiten_bias_lr_mult > 0, "whiten_bias_lr_mult", "must be > 0")
         _check(self.muon_lr >= 0, "muon_lr", "must be >= 0 (0 = off)")
         _check(0.0 <= self.muon_momentum < 1.0, "muon_momentum", "must be in [0, 1)")
         _check(self.lookahead_every >= 0, "lookahead_every", "must be >= 0 (0 = off)")
@@ -344,6 +361,16 @@ class Config:
             not self.decoupled_weight_decay or self.lr != "auto",
             "decoupled_weight_decay",
             "needs a numeric --lr (the decay per step is computed from it)",
+        )
+        _check(
+            self.muon_lr == 0 or self.lr != "auto",
+            "muon_lr",
+            "needs a numeric --lr (Muon follows the schedule's LR relative to its peak)",
+        )
+        _check(
+            not self.whiten_bias_decay or self.lr != "auto",
+            "whiten_bias_decay",
+            "needs a numeric --lr (the whitening bias's LR falls from the peak LR)",
         )
         _check(self.policy_bins >= 2, "policy_bins", "must be >= 2")
         _check(0 <= self.randaugment_m < self.policy_bins, "randaugment_m", "must be in [0, --policy-bins)")

@@ -34,4 +34,4 @@ TTA_MODES = ("none", "flip", "flip-translate", "multi-crop")
 # Config.optimizer (jaxcifar.optim).
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Config.schedule (jaxcifar.optim.make_schedule).
-SCHEDULES = ("onecycle", "linear-onecycle", "cosine", "multistep", "warmup-cosine", "constant")
+SCHEDULES = ("onecycle", "linear-onecycle", "cosine", "multistep", "warmup-cosine", "linear", "constant")

@@ -109,6 +109,8 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     if config.schedule == "warmup-cosine":
         warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup, decay_steps=total)
+    if config.schedule == "linear":
+        return optax.linear_schedule(lr, 0.0, transition_steps=total)
     if config.schedule == "constant":
         return optax.constant_schedule(lr)
     raise ValueError(f"unknown schedule {config.schedule!r}")
@@ -160,15 +162,37 @@ _CONV_MATRIX = optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), outp
 def muon_for_filters(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
     """Returns Muon (``optax.contrib.muon``) for convolution kernels: Nesterov momentum ``muon_momentum``, the
     update orthogonalized by ``MUON_NS_STEPS`` Newton-Schulz iterations on the (kh*kw*C_in, C_out) matrix, at
-    ``muon_lr`` x the schedule's relative LR (``schedule(step) / lr``); no weight decay (airbench94_muon)."""
+    ``muon_lr`` x the schedule's relative LR (``schedule(step) / lr``); no weight decay (airbench94_muon).
+    With ``muon_normalize`` each kernel is first rescaled to norm sqrt(C_out) (``normalize_kernels``)."""
     peak = peak_lr(config)
-    return optax.contrib.muon(
+    muon = optax.contrib.muon(
         learning_rate=lambda step: config.muon_lr * schedule(step) / peak,
         ns_steps=MUON_NS_STEPS,
         beta=config.muon_momentum,
         nesterov=True,
         muon_weight_dimension_numbers=lambda params: jax.tree.map(lambda _: _CONV_MATRIX, params),
     )
+    return optax.chain(muon, normalize_kernels()) if config.muon_normalize else muon
+
+
+def normalize_kernels() -> optax.GradientTransformation:
+    """Returns a stateless transformation that adds ``p * (sqrt(C_out) / ||p|| - 1)`` to each HWIO kernel ``p``'s
+    update, so that ``p + update`` is the kernel rescaled to Frobenius norm sqrt(C_out), then moved by the incoming
+    update: airbench94_muon's Muon step ``p <- p * sqrt(C_out) / ||p||; p <- p - lr * U`` (a zero kernel stays
+    as it is). Put it after the transformation that computes ``-lr * U``."""
+
+    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        if params is None:
+            raise ValueError("normalize_kernels needs the parameters: pass params to update()")
+
+        def rescale(u: jax.Array, p: jax.Array) -> jax.Array:
+            norm = jnp.linalg.norm(p.astype(jnp.float32))
+            factor = jnp.where(norm > 0, jnp.sqrt(jnp.float32(p.shape[-1])) / jnp.maximum(norm, 1e-30), 1.0)
+            return u + (p * (factor - 1.0)).astype(u.dtype)
+
+        return jax.tree.map(rescale, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _update_rule(
@@ -208,7 +232,8 @@ def make_optimizer(
     Parameter groups (``param_label``, through ``optax.multi_transform`` after the clip, which sees all the
     gradients) where the model or config asks for them: a model's frozen parameters get no update
     (``optax.set_to_zero``), its early ones none after ``whiten_bias_epochs * steps_per_epoch`` steps (all
-    the run when ``steps_per_epoch`` is 0), and BatchNorm biases train at ``bn_bias_lr_mult`` x the LR with
+    the run when ``steps_per_epoch`` is 0; at ``whiten_bias_lr_mult`` x the LR, falling linearly to 0 over those
+    steps with ``whiten_bias_decay``), and BatchNorm biases train at ``bn_bias_lr_mult`` x the LR with
     the weight decay divided by it (the same decay per step); with ``muon_lr`` > 0 the convolution kernels
     train with ``muon_for_filters``.
     Without groups the optimizer is the plain chain (same state layout as before groups existed).
@@ -220,7 +245,10 @@ def make_optimizer(
     if not special and config.bn_bias_lr_mult == 1.0:
         return optax.chain(*clip, *rule)
     early_steps = config.whiten_bias_epochs * steps_per_epoch if steps_per_epoch else None
-    early = list(rule)
+    early_schedule = schedule
+    if config.whiten_bias_decay and early_steps:
+        early_schedule = optax.linear_schedule(peak_lr(config), 0.0, transition_steps=early_steps)
+    early = _update_rule(config, early_schedule, momentum, config.whiten_bias_lr_mult)
     if early_steps is not None:
         early.append(optax.scale_by_schedule(lambda step: (step < early_steps).astype(float)))
     transforms = {

@@ -151,6 +151,33 @@ def test_batchnorm_bias_lr_multiplier_keeps_the_decay_per_step():
     np.testing.assert_allclose(updates["conv"]["kernel"], [-0.1 * (0.5 + 0.01 * 3.0)], rtol=1e-6)
 
 
+def test_whitening_bias_lr_multiplier_and_its_linear_decay():
+    """Plain SGD on the whitening bias over steps_per_epoch 4 and --whiten-bias-epochs 1: the bias moves by
+    -lr * mult * g - lr * wd * p (the decay per step unchanged, as the BatchNorm biases' multiplier); with
+    --whiten-bias-decay the LR falls as 1 - t / 4 (airbench94_muon's whiten_bias_train_steps), and stops at step 4
+    either way; the head keeps the schedule's LR."""
+    params = {"whiten": {"bias": jnp.array([1.0])}, "linear": {"kernel": jnp.array([3.0])}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    config = Config(
+        model="airbench", lr=0.1, whiten_bias_lr_mult=8.0, whiten_bias_epochs=1, weight_decay=0.01, momentum=0.0
+    )
+    for decay, factors in ((False, [1, 1, 1, 1, 0, 0]), (True, [1, 0.75, 0.5, 0.25, 0, 0])):
+        tx = optim.make_optimizer(
+            config.replace(whiten_bias_decay=decay), optax.constant_schedule(0.1), steps_per_epoch=4
+        )
+        state = tx.init(params)
+        for t, factor in enumerate(factors):
+            updates, state = tx.update(grads, state, params)
+            expected = -0.1 * factor * (8.0 * 0.5 + 0.01 * 1.0)
+            np.testing.assert_allclose(updates["whiten"]["bias"], [expected], rtol=1e-6, atol=1e-9, err_msg=str(t))
+            np.testing.assert_allclose(updates["linear"]["kernel"], [-0.1 * (0.5 + 0.01 * 3.0)], rtol=1e-6)
+
+
+def test_linear_schedule_falls_from_lr_to_zero_at_the_last_step():
+    schedule = optim.make_schedule(Config(schedule="linear", lr=0.5, epochs=2), steps_per_epoch=5)
+    np.testing.assert_allclose([float(schedule(t)) for t in (0, 1, 5, 9, 10)], [0.5, 0.45, 0.25, 0.05, 0.0], atol=1e-7)
+
+
 def test_gradient_clipping_sees_every_group_at_once():
     """grads (3, 4) have global norm 5: clipped to norm 1 they are (0.6, 0.8), whatever group each is in."""
     params = {"bn1": {"bias": jnp.array([1.0])}, "conv": {"kernel": jnp.array([1.0])}}
@@ -382,3 +409,33 @@ def test_muon_orthogonalizes_the_conv_filter_updates_and_leaves_the_rest_to_sgd(
     assert np.all((0.6 * 0.24 < singular) & (singular < 1.3 * 0.24)) and singular.max() / singular.min() < 2, singular
     np.testing.assert_allclose(updates["linear"]["kernel"], -0.5 * np.ones((4, 10)), rtol=1e-6)  # plain SGD
     np.testing.assert_array_equal(updates["whiten"]["kernel"], np.zeros((2, 2, 3, 24)))  # still frozen
+
+
+def test_muon_normalize_rescales_each_kernel_to_norm_sqrt_c_out_before_the_step():
+    """airbench94_muon's step ``p <- p * sqrt(C_out) / ||p||; p <- p - lr * U``: the new kernel equals the rescaled
+    one plus the update of optax's Muon alone (--no-muon-normalize), for two steps (the momentum carried); the
+    head is not touched by it."""
+    rng = np.random.default_rng(0)
+    params = {
+        "group1": {"conv1": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 8, 4)), jnp.float32)}},
+        "linear": {"kernel": jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)},
+    }
+    config = Config(model="airbench", muon_lr=0.24, lr=0.5, momentum=0.0, weight_decay=0.0)
+    schedule = optax.constant_schedule(0.5)
+    normalized, plain = (optim.make_optimizer(config.replace(muon_normalize=f), schedule) for f in (True, False))
+    state_n, state_p = normalized.init(params), plain.init(params)
+    for step in range(2):
+        grads = jax.tree.map(lambda p, s=step: jnp.asarray(rng.normal(size=p.shape), jnp.float32) + s, params)
+        updates_n, state_n = normalized.update(grads, state_n, params)
+        updates_p, state_p = plain.update(grads, state_p, params)
+        kernel = params["group1"]["conv1"]["kernel"]
+        rescaled = kernel * 2.0 / np.linalg.norm(np.asarray(kernel))  # sqrt(C_out = 4) = 2
+        new, moved = kernel + updates_n["group1"]["conv1"]["kernel"], rescaled + updates_p["group1"]["conv1"]["kernel"]
+        chex.assert_trees_all_close(new, moved, atol=1e-6)
+        chex.assert_trees_all_close(updates_n["linear"], updates_p["linear"])
+        params = optax.apply_updates(params, updates_n)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        optim.normalize_kernels().update(params, optax.EmptyState())
+    for flags in (dict(muon_lr=0.24), dict(whiten_bias_decay=True)):
+        with pytest.raises(ConfigError, match="needs a numeric --lr"):
+            Config(model="airbench", lr="auto", **flags)

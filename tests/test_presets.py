@@ -75,3 +75,27 @@ def test_resnet9_preset_learns(tmp_path):
     config = _preset("resnet9_24ep", tmp_path, lr=0.4)  # the LR range test (lr auto) is tested elsewhere
     _, history = fit(config, verbose=False)
     assert history[-1]["test_acc"] >= 0.6, [h["test_acc"] for h in history]
+
+
+@pytest.mark.slow
+def test_airbench94_muon_preset_learns_with_its_kernels_kept_at_norm_sqrt_c_out(tmp_path):
+    """airbench94_muon's run learns; every trained kernel ends at Frobenius norm ~sqrt(C_out) (Muon's steps
+    rescale them before each update, and the last updates are small as the LR falls to 0); the whitening filters
+    are the data's."""
+    preset = Config.load(REPO / "experiments" / "airbench94_muon" / "config.json")
+    # the head's and the biases' LRs are per batch in our units (airbench sums the loss): scale them to the batch
+    config = _preset(
+        "airbench94_muon", tmp_path, lr=preset.lr * TINY["batch_size"] / preset.batch_size, whiten_bias_epochs=1
+    )
+    dataset = load_dataset(config)
+    state, history = fit(config, dataset, verbose=False)
+    assert history[-1]["test_acc"] >= 0.45, [h["test_acc"] for h in history]
+    kernels = {
+        f"{group}/{conv}": np.asarray(state.params[group][conv]["kernel"])
+        for group in ("group1", "group2", "group3")
+        for conv in ("conv1", "conv2")
+    }
+    for name, kernel in kernels.items():
+        assert np.linalg.norm(kernel) == pytest.approx(np.sqrt(kernel.shape[-1]), rel=0.05), name
+    expected = whitening_kernel(dataset.train.images[:5000], dataset.mean, dataset.std)
+    np.testing.assert_allclose(state.params["whiten"]["kernel"], expected, rtol=0, atol=1e-6)
