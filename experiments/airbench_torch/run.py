@@ -10,6 +10,9 @@ run time and calls its ``train94``. Only the device and the data loading are ada
   sample, while an image folder is sorted by class.
 - device: the CPU in float32 (airbench moves its network to CUDA in float16; its loader puts the images on
   GPU 0 in float16). ``torch.cuda.Event``/``synchronize``, which it uses to time its epochs, become a CPU clock.
+- ``--device cuda`` (for a lent GPU, experiments/gpu_check): nothing of the device is adapted, airbench runs as
+  published (CUDA, float16, its CUDA timers); ``--airbench-wheel`` installs it from a wheel carried to a machine
+  without PyPI (``experiments/gpu_check/fetch_wheels.sh`` builds one).
 - logging: each epoch's record (airbench's own ``val_acc`` without TTA, its ``total_time_seconds``, i.e. training
   time without evaluation, as it counts) is kept, plus the wall time since this process started.
 
@@ -60,10 +63,12 @@ class CpuEvent:
         return 1e3 * (end.at - self.at)
 
 
-def install_airbench(folder: Path) -> Any:
-    """Returns the imported ``airbench`` package, pip-installed (without dependencies) into ``folder``."""
+def install_airbench(folder: Path, wheel: str | None = None) -> Any:
+    """Returns the imported ``airbench`` package, pip-installed (without dependencies) into ``folder`` from PyPI,
+    or from the file ``wheel``."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), AIRBENCH], check=True
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), wheel or AIRBENCH],
+        check=True,
     )
     sys.path.insert(0, str(folder))
     return importlib.import_module("airbench")
@@ -93,9 +98,9 @@ def write_cifar_files(root: Path, data_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def on_the_cpu(airbench: Any, records: list[dict[str, Any]]):
-    """Within: airbench's loaders, network and timers run on the CPU in float32, and each epoch's record it
-    prints is appended to ``records``. Restores everything on exit."""
+def adapted(airbench: Any, records: list[dict[str, Any]], device: str = "cpu"):
+    """Within: each epoch's record airbench prints is appended to ``records``; with ``device`` "cpu" its loaders,
+    network and timers also run on the CPU in float32 ("cuda": as published). Restores everything on exit."""
     import torch
 
     utils = importlib.import_module("airbench.utils")
@@ -122,15 +127,16 @@ def on_the_cpu(airbench: Any, records: list[dict[str, Any]]):
         )
         base_print(variables, is_final_entry)
 
-    saved = [
-        (utils, "CifarLoader", CpuLoader),
-        (lib94, "CifarLoader", CpuLoader),
-        (utils, "print_training_details", keep_record),
-        (torch.cuda, "Event", CpuEvent),
-        (torch.cuda, "synchronize", lambda *a, **k: None),
-        (torch.nn.Module, "cuda", lambda self, *a, **k: self),
-        (torch.nn.Module, "half", lambda self: self),
-    ]
+    saved = [(utils, "print_training_details", keep_record)]
+    if device == "cpu":
+        saved += [
+            (utils, "CifarLoader", CpuLoader),
+            (lib94, "CifarLoader", CpuLoader),
+            (torch.cuda, "Event", CpuEvent),
+            (torch.cuda, "synchronize", lambda *a, **k: None),
+            (torch.nn.Module, "cuda", lambda self, *a, **k: self),
+            (torch.nn.Module, "half", lambda self: self),
+        ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
     try:
         for owner, name, value in saved:
@@ -157,7 +163,7 @@ def summary(values: list[float]) -> dict[str, float] | None:
 
 
 def main() -> None:
-    """Runs ``--runs`` seeds of airbench's ``train94`` on the CPU and writes the JSON record."""
+    """Runs ``--runs`` seeds of airbench's ``train94`` on ``--device`` and writes the JSON record."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="The unpacked JPEG tree (train/ and test/ class folders).")
     parser.add_argument("--epochs", type=float, default=9.9, help="airbench's train_epochs (9.9 for airbench94).")
@@ -167,6 +173,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="Seeds 0..runs-1, one after another in this process.")
     parser.add_argument("--target", type=float, nargs="+", default=[0.85, 0.90], help="Accuracies to time.")
     parser.add_argument("--out", required=True, help="Where to write the JSON record.")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cpu: float32, adapted; cuda: as published."
+    )
+    parser.add_argument("--airbench-wheel", help=f"A wheel of {AIRBENCH} to install instead of fetching it from PyPI.")
     args = parser.parse_args()
 
     import torch
@@ -174,7 +184,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     out, home = Path(args.out).resolve(), os.getcwd()
     with tempfile.TemporaryDirectory(prefix="airbench-") as tmp:
-        airbench = install_airbench(Path(tmp) / "site")
+        airbench = install_airbench(Path(tmp) / "site", args.airbench_wheel)
         write_cifar_files(Path(tmp), args.data_dir)
         data_ready = time.perf_counter() - PROCESS_START
         os.chdir(tmp)  # airbench reads its test set from ./cifar10
@@ -183,7 +193,7 @@ def main() -> None:
             torch.manual_seed(seed)
             records: list[dict[str, Any]] = []
             start = time.perf_counter()
-            with on_the_cpu(airbench, records):
+            with adapted(airbench, records, args.device):
                 loader = importlib.import_module("airbench.utils").CifarLoader(
                     "cifar10", train=True, batch_size=args.batch_size, aug={"flip": True, "translate": 2}, altflip=True
                 )
@@ -203,9 +213,15 @@ def main() -> None:
             )
         os.chdir(home)
     result = {
-        "what": f"{AIRBENCH} train94 on the CPU in float32, the shared JPEG images",
+        "what": f"{AIRBENCH} train94 on the {'CPU in float32' if args.device == 'cpu' else 'GPU as published'}, "
+        "the shared JPEG images",
         "command": " ".join(sys.argv),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        },
         "load_average_at_end": os.getloadavg(),
         "data_ready_wall_seconds": data_ready,
         "runs": runs,

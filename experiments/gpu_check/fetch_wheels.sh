@@ -15,4 +15,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     jsonschema jsonschema-specifications referencing rpds-py attrs ipython comm debugpy nest_asyncio psutil \
     python-dateutil matplotlib-inline decorator jedi parso pexpect ptyprocess prompt_toolkit wcwidth pygments \
     stack_data asttokens executing pure_eval ipython_pygments_lexers platformdirs typing_extensions
+# airbench (the `fast` step's reference code) is on PyPI as a source archive only: build its pure-Python wheel here
+python3 -m pip wheel -q --no-deps --no-build-isolation airbench==0.1.8 -w "$dest"
 ls "$dest" | wc -l

@@ -4,7 +4,12 @@
 # comparison on CUDA, and the notebook in full mode. Nothing here has run on a GPU yet; GPU_CHECK_SMOKE=1
 # runs every step on this CPU with tiny settings (how the script itself was checked).
 #
-#   bash experiments/gpu_check/run.sh STEP...   # steps: runs float16 bench notebook preset (default: the first four)
+#   bash experiments/gpu_check/run.sh STEP...   # steps: runs float16 bench notebook preset fast (default: the first four)
+#
+# `fast` is issue 19's: the airbench94 and airbench94_muon presets in bfloat16 (3 seeds each) and resnet9_24ep (the
+# course recipe, --lr auto), each through python -m jaxcifar.race with target 90 %; then airbench's own PyTorch
+# train94 (airbench94's recipe, 3 seeds) on the same images, as published (CUDA, float16), from the airbench wheel in
+# $WHEELS (fetch_wheels.sh builds it).
 #
 # Environment: OUT (where everything goes; default /tmp/gpu_check), DATA_ARCHIVE (the shared
 # cifar10-jpeg.tar.gz; default ../shared/data/cifar10-jpeg.tar.gz, on the device machine a carried copy,
@@ -102,7 +107,30 @@ EOF
                 for seed in ${PRESET_SEEDS:-0 1 2 3 4}; do train "best_s$seed" 110 --seed "$seed"; done
             )
             ;;
-        *) echo "unknown step $step (runs, float16, bench, notebook, preset)" >&2; exit 2 ;;
+        fast)  # issue 19: the fast presets beside airbench's own code on the same images
+            (
+                race_small=()
+                [[ "$SMOKE" == 1 ]] && race_small=(--width 8 --epochs 2 --train-subset 2000 --test-subset 500 --batch-size 100)
+                race() {  # NAME SECONDS FLAGS...: one race into OUT/NAME; its summary line into the summary
+                    local name="$1" limit="$2"
+                    shift 2
+                    timeout "$limit" python3 -m jaxcifar.race --data-dir "$data" --out-dir "$OUT/$name" --target 0.90 \
+                        "$@" "${race_small[@]}" >"$OUT/$name.log" 2>&1
+                    echo "== $name (exit $?): $* | $(grep -E '^race:' "$OUT/$name.log" | cut -c1-300)" | tee -a "$OUT/summary.txt"
+                }
+                race race_airbench94 300 --config experiments/airbench94/config.json --dtype bfloat16 --runs 3
+                race race_airbench94_muon 300 --config experiments/airbench94_muon/config.json --dtype bfloat16 --runs 3
+                race race_resnet9_24ep 300 --config experiments/resnet9_24ep/config.json --dtype bfloat16 --runs 1
+                torch_args=(--device cuda --epochs 9.9 --runs 3)
+                [[ "$SMOKE" == 1 ]] && torch_args=(--device cpu --epochs 0.2 --width 8 --batch-size 100 --runs 1)
+                wheel=("${WHEELS:-.}"/airbench-*.whl)
+                [[ -f "${wheel[0]}" ]] && torch_args+=(--airbench-wheel "${wheel[0]}")
+                timeout 300 python3 experiments/airbench_torch/run.py --data-dir "$data" --target 0.85 0.90 \
+                    --out "$OUT/airbench_torch.json" "${torch_args[@]}" >"$OUT/airbench_torch.log" 2>&1
+                echo "== airbench's own train94 (exit $?): $(tail -n 1 "$OUT/airbench_torch.log" | cut -c1-400)" | tee -a "$OUT/summary.txt"
+            )
+            ;;
+        *) echo "unknown step $step (runs, float16, bench, notebook, preset, fast)" >&2; exit 2 ;;
     esac
 done
 rm -rf "$OUT/cache" "$OUT"/*/checkpoints "$OUT"/*/best  # what comes back stays small
