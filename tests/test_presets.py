@@ -39,19 +39,27 @@ def _preset(name: str, tmp_path: Path, **changes) -> Config:
     return preset.replace(**TINY, workdir=str(tmp_path / name), **changes)
 
 
+def _airbench_preset(name: str, tmp_path: Path) -> Config:
+    """The airbench preset ``name`` at TINY's size, its LR scaled to TINY's batch (airbench's LRs are per example:
+    it sums the loss, so our per-batch LR scales with the batch) and the whitening bias trained for 1 epoch."""
+    preset = Config.load(REPO / "experiments" / name / "config.json")
+    return _preset(name, tmp_path, lr=preset.lr * TINY["batch_size"] / preset.batch_size, whiten_bias_epochs=1)
+
+
+def _assert_whitening_from_the_data(state, dataset) -> None:
+    """The run's whitening filters are those of its first 5,000 training images, never trained (an average of the
+    constant filters, as Lookahead's, may round in the last bit)."""
+    expected = whitening_kernel(dataset.train.images[:5000], dataset.mean, dataset.std)
+    np.testing.assert_allclose(state.params["whiten"]["kernel"], expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_airbench94_preset_learns_with_its_whitening_frozen_and_ends_on_the_lookahead_weights(tmp_path):
-    preset = Config.load(REPO / "experiments" / "airbench94" / "config.json")
-    # lr is per batch in our units: airbench's 11.5 per 1024 examples scales with the batch
-    config = _preset(
-        "airbench94", tmp_path, lr=preset.lr * TINY["batch_size"] / preset.batch_size, whiten_bias_epochs=1
-    )
+    config = _airbench_preset("airbench94", tmp_path)
     dataset = load_dataset(config)
     state, history = fit(config, dataset, verbose=False)
     assert history[-1]["test_acc"] >= 0.45, [h["test_acc"] for h in history]
-    expected = whitening_kernel(dataset.train.images[:5000], dataset.mean, dataset.std)
-    # computed from the data and never trained (Lookahead's averaging of the constant filters rounds in the last bit)
-    np.testing.assert_allclose(state.params["whiten"]["kernel"], expected, rtol=0, atol=1e-6)
+    _assert_whitening_from_the_data(state, dataset)
     jax.tree.map(np.testing.assert_array_equal, state.params, state.lookahead["params"])
     jax.tree.map(np.testing.assert_array_equal, state.batch_stats, state.lookahead["batch_stats"])
     # cut back to epoch 2 (as a crash would) and resume: the same run (Lookahead's slow weights, the optimizer
@@ -82,11 +90,7 @@ def test_airbench94_muon_preset_learns_with_its_kernels_kept_at_norm_sqrt_c_out(
     """airbench94_muon's run learns; every trained kernel ends at Frobenius norm ~sqrt(C_out) (Muon's steps
     rescale them before each update, and the last updates are small as the LR falls to 0); the whitening filters
     are the data's."""
-    preset = Config.load(REPO / "experiments" / "airbench94_muon" / "config.json")
-    # the head's and the biases' LRs are per batch in our units (airbench sums the loss): scale them to the batch
-    config = _preset(
-        "airbench94_muon", tmp_path, lr=preset.lr * TINY["batch_size"] / preset.batch_size, whiten_bias_epochs=1
-    )
+    config = _airbench_preset("airbench94_muon", tmp_path)
     dataset = load_dataset(config)
     state, history = fit(config, dataset, verbose=False)
     assert history[-1]["test_acc"] >= 0.45, [h["test_acc"] for h in history]
@@ -97,5 +101,4 @@ def test_airbench94_muon_preset_learns_with_its_kernels_kept_at_norm_sqrt_c_out(
     }
     for name, kernel in kernels.items():
         assert np.linalg.norm(kernel) == pytest.approx(np.sqrt(kernel.shape[-1]), rel=0.05), name
-    expected = whitening_kernel(dataset.train.images[:5000], dataset.mean, dataset.std)
-    np.testing.assert_allclose(state.params["whiten"]["kernel"], expected, rtol=0, atol=1e-6)
+    _assert_whitening_from_the_data(state, dataset)
