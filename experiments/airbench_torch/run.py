@@ -97,6 +97,75 @@ def write_cifar_files(root: Path, data_dir: str) -> None:
         )
 
 
+def epoch_record(variables: dict[str, Any], seconds_key: str) -> dict[str, Any]:
+    """Returns one row airbench prints (its ``variables``) as a record: epoch, accuracies without and with TTA, its
+    training seconds (``variables[seconds_key]``) and the wall seconds since this process started."""
+    return {
+        "epoch": variables.get("epoch"),
+        "val_acc": variables.get("val_acc"),
+        "tta_val_acc": variables.get("tta_val_acc"),
+        "train_seconds": variables.get(seconds_key),
+        "wall_seconds": time.perf_counter() - PROCESS_START,
+    }
+
+
+@contextlib.contextmanager
+def patched(replacements: list[tuple[Any, str, Any]]):
+    """Within: each ``(owner, name, value)`` set as ``owner.name = value``; the originals restored on exit."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
+    try:
+        for owner, name, value in replacements:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
+
+
+def run_record(seed: int, records: list[dict[str, Any]], start: float, targets: list[float]) -> dict[str, Any]:
+    """Returns one seed's record from the rows it printed (the last is the final TTA evaluation) and its start."""
+    final = records[-1]
+    return {
+        "seed": seed,
+        "epochs": records[:-1],
+        "tta_accuracy": final["tta_val_acc"],
+        "train_seconds": final["train_seconds"],
+        "run_wall_seconds": time.perf_counter() - start,
+        "to_target": {str(t): time_to(records, t) for t in targets},
+    }
+
+
+def summaries(runs: list[dict[str, Any]], targets: list[float]) -> dict[str, Any]:
+    """Returns mean and standard deviation over ``runs`` of the TTA accuracy, the training seconds and the training
+    seconds to each target (over the runs that reached it)."""
+    return {
+        "tta_accuracy": summary([r["tta_accuracy"] for r in runs]),
+        "train_seconds": summary([r["train_seconds"] for r in runs]),
+        **{
+            f"train_seconds_to_{t}": summary(
+                [r["to_target"][str(t)]["train_seconds"] for r in runs if r["to_target"][str(t)]]
+            )
+            for t in targets
+        },
+    }
+
+
+def machine(device: str) -> dict[str, Any]:
+    """Returns the record's ``machine`` (CPU count, processor, torch version, the GPU's name on "cuda") and
+    ``load_average_at_end`` (the load averages now)."""
+    import torch
+
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        },
+        "load_average_at_end": os.getloadavg(),
+    }
+
+
 @contextlib.contextmanager
 def adapted(airbench: Any, records: list[dict[str, Any]], device: str = "cpu"):
     """Within: each epoch's record airbench prints is appended to ``records``; with ``device`` "cpu" its loaders,
@@ -116,15 +185,7 @@ def adapted(airbench: Any, records: list[dict[str, Any]], device: str = "cpu"):
     base_print = utils.print_training_details
 
     def keep_record(variables: dict[str, Any], is_final_entry: bool) -> None:
-        records.append(
-            {
-                "epoch": variables.get("epoch"),
-                "val_acc": variables.get("val_acc"),
-                "tta_val_acc": variables.get("tta_val_acc"),
-                "train_seconds": variables.get("total_time_seconds"),
-                "wall_seconds": time.perf_counter() - PROCESS_START,
-            }
-        )
+        records.append(epoch_record(variables, "total_time_seconds"))
         base_print(variables, is_final_entry)
 
     saved = [(utils, "print_training_details", keep_record)]
@@ -137,14 +198,8 @@ def adapted(airbench: Any, records: list[dict[str, Any]], device: str = "cpu"):
             (torch.nn.Module, "cuda", lambda self, *a, **k: self),
             (torch.nn.Module, "half", lambda self: self),
         ]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
-    try:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+    with patched(saved):
         yield
-    finally:
-        for owner, name, value in originals:
-            setattr(owner, name, value)
 
 
 def time_to(records: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -200,41 +255,16 @@ def main() -> None:
                 widths = {"block1": args.width, "block2": 4 * args.width, "block3": 4 * args.width}
                 make_net = functools.partial(airbench.make_net94, widths=widths)
                 airbench.train94(loader, epochs=args.epochs, tta_level=args.tta_level, make_net=make_net, run=seed)
-            final = records[-1]
-            runs.append(
-                {
-                    "seed": seed,
-                    "epochs": records[:-1],
-                    "tta_accuracy": final["tta_val_acc"],
-                    "train_seconds": final["train_seconds"],
-                    "run_wall_seconds": time.perf_counter() - start,
-                    "to_target": {str(t): time_to(records, t) for t in args.target},
-                }
-            )
+            runs.append(run_record(seed, records, start, args.target))
         os.chdir(home)
     result = {
         "what": f"{AIRBENCH} train94 on the {'CPU in float32' if args.device == 'cpu' else 'GPU as published'}, "
         "the shared JPEG images",
         "command": " ".join(sys.argv),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-        },
-        "load_average_at_end": os.getloadavg(),
+        **machine(args.device),
         "data_ready_wall_seconds": data_ready,
         "runs": runs,
-        "summary": {
-            "tta_accuracy": summary([r["tta_accuracy"] for r in runs]),
-            "train_seconds": summary([r["train_seconds"] for r in runs]),
-            **{
-                f"train_seconds_to_{t}": summary(
-                    [r["to_target"][str(t)]["train_seconds"] for r in runs if r["to_target"][str(t)]]
-                )
-                for t in args.target
-            },
-        },
+        "summary": summaries(runs, args.target),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"]))

@@ -17,4 +17,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     stack_data asttokens executing pure_eval ipython_pygments_lexers platformdirs typing_extensions
 # airbench (the `fast` step's reference code) is on PyPI as a source archive only: build its pure-Python wheel here
 python3 -m pip wheel -q --no-deps --no-build-isolation airbench==0.1.8 -w "$dest"
+# airbench94_muon.py (run.sh fast runs it when it is here) is not on PyPI: copy it into "$dest" by hand from
+# KellerJordan/cifar10-airbench at f1c599c (experiments/airbench_torch/run_muon.py checks its SHA-256)
 ls "$dest" | wc -l

@@ -9,7 +9,8 @@
 # `fast` is issue 19's: the airbench94 and airbench94_muon presets in bfloat16 (3 seeds each) and resnet9_24ep (the
 # course recipe, --lr auto), each through python -m jaxcifar.race with target 90 %; then airbench's own PyTorch
 # train94 (airbench94's recipe, 3 seeds) on the same images, as published (CUDA, float16), from the airbench wheel in
-# $WHEELS (fetch_wheels.sh builds it).
+# $WHEELS (fetch_wheels.sh builds it); then airbench94_muon.py (3 seeds, compiled, as published) if a copy of that
+# script is in $WHEELS (it is not on PyPI: fetch it by hand, ../airbench_torch/run_muon.py says from where).
 #
 # Environment: OUT (where everything goes; default /tmp/gpu_check), DATA_ARCHIVE (the shared
 # cifar10-jpeg.tar.gz; default ../shared/data/cifar10-jpeg.tar.gz, on the device machine a carried copy,
@@ -128,6 +129,16 @@ EOF
                 timeout 300 python3 experiments/airbench_torch/run.py --data-dir "$data" --target 0.85 0.90 \
                     --out "$OUT/airbench_torch.json" "${torch_args[@]}" >"$OUT/airbench_torch.log" 2>&1
                 echo "== airbench's own train94 (exit $?): $(tail -n 1 "$OUT/airbench_torch.log" | cut -c1-400)" | tee -a "$OUT/summary.txt"
+                muon_args=(--device cuda --runs 3)
+                [[ "$SMOKE" == 1 ]] && muon_args=(--device cpu --limit 2000 --runs 1)
+                if [[ -f "${WHEELS:-.}/airbench94_muon.py" ]]; then  # fetched by hand: it is not on PyPI
+                    timeout 300 python3 experiments/airbench_torch/run_muon.py --script "${WHEELS:-.}/airbench94_muon.py" \
+                        --data-dir "$data" --target 0.85 0.90 --out "$OUT/airbench_torch_muon.json" "${muon_args[@]}" \
+                        >"$OUT/airbench_torch_muon.log" 2>&1
+                    echo "== airbench94_muon.py (exit $?): $(tail -n 1 "$OUT/airbench_torch_muon.log" | cut -c1-400)" | tee -a "$OUT/summary.txt"
+                else
+                    echo "== airbench94_muon.py: not run, no ${WHEELS:-.}/airbench94_muon.py" | tee -a "$OUT/summary.txt"
+                fi
             )
             ;;
         *) echo "unknown step $step (runs, float16, bench, notebook, preset, fast)" >&2; exit 2 ;;
