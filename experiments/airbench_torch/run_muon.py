@@ -4,7 +4,7 @@ preset.
 
 Nothing of airbench is copied here. The script is not on PyPI, so fetch it yourself into a temporary folder and
 pass it with ``--script``; its SHA-256 is checked against the published version this adaptation was written for
-(commit f1c599c of 2025-03-02, the newest there):
+(commit f1c599c of 2025-03-02, the newest in the copy of the repository fetched on 2026-12-04):
 
     curl -o /tmp/airbench94_muon.py https://raw.githubusercontent.com/KellerJordan/cifar10-airbench/\\
     f1c599c4af24aca803e3e65a6a7e52a502e09d0e/airbench94_muon.py
