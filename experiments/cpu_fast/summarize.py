@@ -2,12 +2,16 @@
 wall and training seconds to 85 % and 90 % test accuracy, mean +- sample std over the runs, as JSON.
 
     python experiments/cpu_fast/summarize.py runs/cpu_fast/seed-*/race.json
+
+Each seed's ``history.json`` is read from the race's run folder (``seed-S/seed-S/history.json``, as the race wrote
+it) or, in the committed records, beside its ``race.json``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from jaxcifar.race import mean_std
@@ -30,7 +34,9 @@ def main(paths: list[str]) -> None:
     for path in paths:
         report = json.load(open(path))
         (run,) = report["runs"]
-        history = json.load(open(path.replace("race.json", f"seed-{run['seed']}/history.json")))
+        folder = Path(path).parent
+        nested = folder / f"seed-{run['seed']}" / "history.json"
+        history = json.loads((nested if nested.is_file() else folder / "history.json").read_text())
         runs.append(
             {
                 "seed": run["seed"],
