@@ -37,7 +37,7 @@ from jaxcifar.layout import RunDir
 from jaxcifar.mesh import replicated
 from jaxcifar.progress import BAR_DISABLE as _BAR_DISABLE
 from jaxcifar.progress import tqdm
-from jaxcifar.setup import RunSetup, command, echo, mesh_and_model
+from jaxcifar.setup import RunSetup, command, early_epochs, echo, mesh_and_model
 from jaxcifar.state import TrainState, create_train_state
 from jaxcifar.timing import Timing
 from jaxcifar.workdir import claim_workdir
@@ -76,6 +76,7 @@ class Run:
     setup: RunSetup
     rundir: RunDir
     train_step: Callable[..., Any]  # ``setup.train_step`` compiled for the run's state
+    late_train_step: Callable[..., Any] | None  # ``setup.late_train_step`` compiled (after the early epochs)
     evaluators: dict[str, Evaluator]  # history prefix ("test", "ema_val", ...) -> evaluator
     last_epoch_evaluators: dict[str, Evaluator]  # the same, for the last epoch (with TTA under --tta-final-only)
     schedule: optax.Schedule
@@ -88,6 +89,14 @@ class Run:
     def config(self) -> Config:
         """The run's Config."""
         return self.setup.config
+
+    def train_step_for(self, epoch: int) -> Callable[..., Any]:
+        """Returns the compiled train step of ``epoch`` (1-based): ``late_train_step`` after the model's early
+        parameters stopped training (``setup.early_epochs``), else ``train_step``."""
+        early = early_epochs(self.config)
+        if self.late_train_step is not None and early is not None and epoch > early:
+            return self.late_train_step
+        return self.train_step
 
 
 def check_resume(config: Config, rundir: RunDir, verbose: bool = True) -> tuple[Config, dict[str, Any] | None]:
@@ -263,7 +272,11 @@ def set_up(
     last_epoch_evaluators = setup.evaluators() if config.tta_final_only else evaluators
     t0 = time.perf_counter()
     with timing.phase("compile"):
-        train_step = setup.train_step.lower(state, setup.batch(setup.epoch_rows(1), 0)).compile()
+        first_batch = setup.batch(setup.epoch_rows(1), 0)
+        train_step = setup.train_step.lower(state, first_batch).compile()
+        late_train_step = None
+        if setup.late_train_step is not None:
+            late_train_step = setup.late_train_step.lower(state, first_batch).compile()
         for evaluator in {id(e): e for e in [*evaluators.values(), *last_epoch_evaluators.values()]}.values():
             evaluator.compile(state)
     echo(f"compile: {time.perf_counter() - t0:.1f}s (train and eval steps, once per run)", verbose)
@@ -276,6 +289,7 @@ def set_up(
         setup=setup,
         rundir=rundir,
         train_step=train_step,
+        late_train_step=late_train_step,
         evaluators=evaluators,
         last_epoch_evaluators=last_epoch_evaluators,
         schedule=schedule,
@@ -297,6 +311,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     steps_per_epoch = setup.steps_per_epoch
     first_step = (epoch - 1) * steps_per_epoch  # the state's step when the epoch starts
     rows = setup.epoch_rows(epoch)
+    train_step = run.train_step_for(epoch)
     bar = tqdm(
         total=steps_per_epoch,
         desc=f"epoch {epoch}/{config.epochs}",
@@ -308,7 +323,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     sums = None
     try:
         for i in range(steps_per_epoch):
-            state, metrics = run.train_step(state, setup.batch(rows, i))
+            state, metrics = train_step(state, setup.batch(rows, i))
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
                 step = first_step + i + 1

@@ -134,6 +134,20 @@ def coupled_weight_decay(config: Config) -> float:
 _NORM_MODULE = re.compile(r"(^|_)(bn|norm)\d*$")  # BatchNorm modules: bn1, shortcut_bn, norm2, bn
 
 
+def param_name(path: tuple[Any, ...]) -> str:
+    """Returns the ``/``-joined module and parameter names of a ``jax.tree_util`` key path into a params tree,
+    the form of a model's ``frozen_params`` and ``early_params`` (e.g. ``"whiten/bias"``)."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def late_frozen_params(model: str) -> tuple[str, ...]:
+    """Returns the parameters of ``model`` that stay constant once its early parameters stop training (after
+    ``--whiten-bias-epochs``): its ``frozen_params`` and ``early_params`` (``()`` when it has no early ones)."""
+    module = models.get_model(model)
+    early = tuple(getattr(module, "early_params", ()))
+    return (*getattr(module, "frozen_params", ()), *early) if early else ()
+
+
 def param_label(path: tuple[Any, ...], model: str, ndim: int = 0, muon: bool = False) -> str:
     """Returns the optimizer group of the parameter at ``path`` (a ``jax.tree_util`` key path) of ``model``:
     ``frozen`` (the model's ``frozen_params``, e.g. airbench's whitening filters: never updated),
@@ -142,7 +156,7 @@ def param_label(path: tuple[Any, ...], model: str, ndim: int = 0, muon: bool = F
     module) or ``default``."""
     names = tuple(str(getattr(k, "key", k)) for k in path)
     module = models.get_model(model)
-    joined = "/".join(names)
+    joined = param_name(path)
     if joined in getattr(module, "frozen_params", ()):
         return "frozen"
     if joined in getattr(module, "early_params", ()):

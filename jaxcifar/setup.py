@@ -105,9 +105,21 @@ def checked_dataset(config: Config, dataset: Dataset | None, steps_per_epoch: in
     return dataset
 
 
-def make_train_step(config: Config, dataset: Dataset, mesh: Mesh) -> Callable[[TrainState, Batch], Any]:
+def early_epochs(config: Config) -> int | None:
+    """Returns the epochs in which the model's early parameters train (``config.whiten_bias_epochs``: airbench's
+    whitening bias), after which a run trains with ``RunSetup.late_train_step``, which holds them constant;
+    None when the model has no early parameters or they train to the last epoch (one train step for the run)."""
+    if not optim.late_frozen_params(config.model) or config.whiten_bias_epochs >= config.epochs:
+        return None
+    return config.whiten_bias_epochs
+
+
+def make_train_step(
+    config: Config, dataset: Dataset, mesh: Mesh, constant_params: tuple[str, ...] = ()
+) -> Callable[[TrainState, Batch], Any]:
     """Returns the jitted train step of ``config`` (``steps.make_train_step`` with every setting of the run:
-    augmentation, MixUp/CutMix until ``--mix-off-epoch``, EMA, alternating flip, Lookahead)."""
+    augmentation, MixUp/CutMix until ``--mix-off-epoch``, EMA, alternating flip, Lookahead), taking the
+    parameters named in ``constant_params`` as constants (``steps.train_step``)."""
     steps_per_epoch = len(dataset.train) // config.batch_size
     mix_steps = (config.epochs - config.mix_off_epoch) * steps_per_epoch
     return steps.make_train_step(
@@ -121,6 +133,7 @@ def make_train_step(config: Config, dataset: Dataset, mesh: Mesh) -> Callable[[T
         ema_decay=config.ema_decay,
         flip_epoch_steps=steps_per_epoch if config.alternating_flip else 0,
         lookahead=steps.Lookahead(config.lookahead_every, config.lookahead_decay, config.epochs * steps_per_epoch),
+        constant_params=constant_params,
     )
 
 
@@ -128,7 +141,8 @@ def make_train_step(config: Config, dataset: Dataset, mesh: Mesh) -> Callable[[T
 class RunSetup:
     """What a run is made of, built once per command by ``create``: the config, the mesh, the model, the data
     (on the host, and the training split replicated on the mesh's devices), the batch gatherer, the key of the
-    epochs' permutations and the jitted train step (not compiled yet: the state's optimizer decides that)."""
+    epochs' permutations and the jitted train steps (not compiled yet: the state's optimizer decides that):
+    ``train_step``, and ``late_train_step`` for the epochs after ``early_epochs(config)`` (None without them)."""
 
     config: Config
     mesh: Mesh
@@ -138,6 +152,7 @@ class RunSetup:
     gather: Callable[..., Batch]
     shuffle_key: jax.Array
     train_step: Callable[[TrainState, Batch], Any]
+    late_train_step: Callable[[TrainState, Batch], Any] | None = None
 
     @classmethod
     def create(
@@ -176,6 +191,11 @@ class RunSetup:
             gather=make_gather_batch(mesh),
             shuffle_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), SHUFFLE_SALT),
             train_step=make_train_step(config, dataset, mesh),
+            late_train_step=(
+                None
+                if early_epochs(config) is None
+                else make_train_step(config, dataset, mesh, optim.late_frozen_params(config.model))
+            ),
         )
         for line in setup.describe():
             echo(line, verbose and distributed.is_main_process())

@@ -26,6 +26,7 @@ from jaxcifar.augmentation import AugmentSpec, augment_batch
 from jaxcifar.batches import Batch
 from jaxcifar.mesh import batch_sharded, replicated
 from jaxcifar.mixing import NO_MIX, MixSpec, mix_batch, mix_targets
+from jaxcifar.optim import param_name
 from jaxcifar.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -100,6 +101,7 @@ def train_step(
     pad_mode: str = "zeros",
     flip_epoch_steps: int = 0,
     lookahead: Lookahead = NO_LOOKAHEAD,
+    constant_params: tuple[str, ...] = (),
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step: augment (+ MixUp/CutMix) + normalize on the device, train-mode forward, update.
 
@@ -112,6 +114,11 @@ def train_step(
     turns on the alternating flip (``transforms.alternating_flip`` of ``batch["index"]`` at epoch
     ``step // flip_epoch_steps``);
     ``lookahead.every`` > 0 applies ``lookahead_update`` after the step (the state keeps ``lookahead``).
+    ``constant_params`` (``optim.param_name`` forms, e.g. ``("whiten/kernel", "whiten/bias")``) enter the
+    forward pass as constants (``lax.stop_gradient``): their gradients are zeros and XLA drops the backward
+    work that only they needed (for airbench once its whitening bias stops training: the first convolution's
+    input gradient and the whitening layer's backward, ~7 % of a step). Use it only for parameters the
+    optimizer no longer moves, or the step changes what it trains.
 
     With ``state.dynamic_scale`` (float16) the gradients come from ``DynamicScale.value_and_grad`` (loss
     multiplied by the scale, float32 gradients divided by it). When they are not all finite the step is
@@ -135,6 +142,7 @@ def train_step(
     dominant = jnp.where(lam >= 0.5, labels, labels[::-1])
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        params = _as_constants(params, constant_params)
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
         )
@@ -175,6 +183,15 @@ def train_step(
         "skipped": jnp.logical_not(finite).astype(jnp.float32),
     }
     return new_state, metrics
+
+
+def _as_constants(params: Any, names: tuple[str, ...]) -> Any:
+    """Returns ``params`` with the leaves named in ``names`` (``optim.param_name``) under ``lax.stop_gradient``."""
+    if not names:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jax.lax.stop_gradient(leaf) if param_name(path) in names else leaf, params
+    )
 
 
 _MIN_CHUNK = 32  # a batch with no divisor between this and the chunk size runs in one piece
@@ -258,6 +275,7 @@ def make_train_step(
     pad_mode: str = "zeros",
     flip_epoch_steps: int = 0,
     lookahead: Lookahead = NO_LOOKAHEAD,
+    constant_params: tuple[str, ...] = (),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns ``train_step`` jitted with these static settings, donating the state.
 
@@ -280,6 +298,7 @@ def make_train_step(
             pad_mode=pad_mode,
             flip_epoch_steps=flip_epoch_steps,
             lookahead=lookahead,
+            constant_params=tuple(constant_params),
         )
 
     options = backend.compiler_options() if xla_options is None else xla_options

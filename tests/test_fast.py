@@ -139,6 +139,49 @@ def test_the_run_state_starts_from_the_data_whitening_and_the_optimizer_freezes_
     assert not np.array_equal(state.params["group1"]["conv1"]["kernel"], jnp.zeros(()))
 
 
+def test_after_the_whitening_bias_epochs_the_run_steps_without_its_backward(tmp_path):
+    """From epoch --whiten-bias-epochs + 1 on, a run trains with the late train step: the whitening layer's
+    parameters enter it as constants, so XLA drops the first convolution's input gradient (one convolution fewer
+    in the compiled step), and that step moves every parameter as the full step does (the optimizer no longer
+    moves the bias either way)."""
+    from jaxcifar import loop, setup
+
+    config = Config(
+        model="airbench", width=4, data_source="synthetic", train_subset=64, test_subset=64, batch_size=32,
+        eval_batch_size=64, epochs=3, whiten_bias_epochs=1, lr=0.2, workdir=str(tmp_path / "run"),
+        compile_cache=False, async_checkpoints=False,
+    )  # fmt: skip
+    assert optim.late_frozen_params("airbench") == ("whiten/kernel", "whiten/bias")
+    assert optim.late_frozen_params("resnet18") == ()
+    assert setup.early_epochs(config) == 1 and setup.early_epochs(config.replace(whiten_bias_epochs=3)) is None
+    assert setup.early_epochs(config.replace(model="resnet9")) is None
+    run_setup = setup.RunSetup.create(config, verbose=False)
+    tx, schedule = run_setup.training_optimizer()
+    state = run_setup.initial_state(tx)
+    run = loop.set_up(run_setup, state, [], schedule, RunDir(config.workdir), verbose=False)
+    try:
+        assert run.late_train_step is not None
+        assert run.train_step_for(1) is run.train_step
+        assert run.train_step_for(2) is run.late_train_step is run.train_step_for(3)
+
+        def convolutions(compiled) -> int:
+            return compiled.as_text().count(" convolution(")
+
+        assert convolutions(run.late_train_step) == convolutions(run.train_step) - 1
+        state, _ = loop.train_epoch(run, state, 1)
+        batch = run_setup.batch(run_setup.epoch_rows(2), 0)
+        full, _ = run.train_step(jax.tree.map(jnp.copy, state), batch)
+        late, _ = run.late_train_step(jax.tree.map(jnp.copy, state), batch)
+        for stepped in (full, late):
+            np.testing.assert_array_equal(stepped.params["whiten"]["bias"], state.params["whiten"]["bias"])
+        assert not np.allclose(full.params["group1"]["conv1"]["kernel"], state.params["group1"]["conv1"]["kernel"])
+        chex.assert_trees_all_close(late.params, full.params, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(late.batch_stats, full.batch_stats, rtol=1e-5, atol=1e-6)
+    finally:
+        run.writer.close()
+        run.checkpointer.close()
+
+
 def test_batchnorm_bias_lr_multiplier_keeps_the_decay_per_step():
     """Plain SGD: a BatchNorm bias moves by -lr * mult * g - lr * wd * p; other parameters by -lr * (g + wd * p)."""
     params = {"bn1": {"bias": jnp.array([1.0]), "scale": jnp.array([2.0])}, "conv": {"kernel": jnp.array([3.0])}}
