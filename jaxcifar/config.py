@@ -191,7 +191,9 @@ class Config:
         "Muon does (--no-muon-normalize: optax's Muon alone).",
     )
     whiten_bias_epochs: int = _field(
-        3, "airbench: epochs during which the whitening convolution's bias trains (its filters never do)."
+        3,
+        "airbench: epochs during which the whitening convolution's bias trains (its filters never do); later "
+        "epochs skip the whitening layer's backward.",
     )
     whiten_bias_lr_mult: float = _field(
         1.0,
