@@ -117,8 +117,8 @@ def train_step(
     ``constant_params`` (``optim.param_name`` forms, e.g. ``("whiten/kernel", "whiten/bias")``) enter the
     forward pass as constants (``lax.stop_gradient``): their gradients are zeros and XLA drops the backward
     work that only they needed (for airbench once its whitening bias stops training: the first convolution's
-    input gradient and the whitening layer's backward, ~11 % of a step at width 64). Use it only for parameters the
-    optimizer no longer moves, or the step changes what it trains.
+    input gradient and the whitening layer's backward; experiments/cpu_speed_airbench run 9). Use it only for
+    parameters the optimizer no longer moves, or the step changes what it trains.
 
     With ``state.dynamic_scale`` (float16) the gradients come from ``DynamicScale.value_and_grad`` (loss
     multiplied by the scale, float32 gradients divided by it). When they are not all finite the step is
