@@ -137,7 +137,12 @@ _NORM_MODULE = re.compile(r"(^|_)(bn|norm)\d*$")  # BatchNorm modules: bn1, shor
 def param_name(path: tuple[Any, ...]) -> str:
     """Returns the ``/``-joined module and parameter names of a ``jax.tree_util`` key path into a params tree,
     the form of a model's ``frozen_params`` and ``early_params`` (e.g. ``"whiten/bias"``)."""
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+    return "/".join(_key_names(path))
+
+
+def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """Returns the module and parameter names of a ``jax.tree_util`` key path, outermost first."""
+    return tuple(str(getattr(k, "key", k)) for k in path)
 
 
 def late_frozen_params(model: str) -> tuple[str, ...]:
@@ -154,9 +159,9 @@ def param_label(path: tuple[Any, ...], model: str, ndim: int = 0, muon: bool = F
     ``early`` (its ``early_params``, e.g. the whitening bias: trained for ``--whiten-bias-epochs``),
     ``muon`` (with ``muon``, a convolution kernel: ``ndim`` 4), ``norm_bias`` (the bias of a BatchNorm
     module) or ``default``."""
-    names = tuple(str(getattr(k, "key", k)) for k in path)
+    names = _key_names(path)
     module = models.get_model(model)
-    joined = param_name(path)
+    joined = "/".join(names)
     if joined in getattr(module, "frozen_params", ()):
         return "frozen"
     if joined in getattr(module, "early_params", ()):
